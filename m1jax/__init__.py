@@ -1,0 +1,8 @@
+"""m1jax: MiniMax-M1 (and MiniMax-Text-01) in JAX/Flax."""
+
+from m1jax.config import PRESETS, ConfigError, ModelConfig, get_preset
+from m1jax.loading import from_pretrained
+from m1jax.model import M1Model, Output, abstract_params, forward, init_model, parameter_counts
+
+__all__ = ["ConfigError", "M1Model", "ModelConfig", "Output", "PRESETS", "abstract_params", "forward",
+           "from_pretrained", "get_preset", "init_model", "parameter_counts"]

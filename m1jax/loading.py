@@ -1,0 +1,63 @@
+"""`from_pretrained`: a preset, a Hugging Face safetensors directory, or an orbax checkpoint -> M1Model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from m1jax.config import ModelConfig, get_preset
+from m1jax.model import M1Model, abstract_model, init_model, params_of, with_params
+
+PRESET_PREFIX = "preset:"
+
+
+def from_pretrained(source: str | Path | None = None, *, dtype: str | None = None, mesh=None, seed: int = 0,
+                    **config_overrides) -> M1Model:
+    """Load a model.
+
+    `source` is `preset:NAME` (a seeded random model of that preset), a Hugging Face-format directory
+    (config.json + safetensors, either tensor-name layout), an orbax checkpoint written by
+    `m1jax convert hf-to-orbax` or by training, or None for the embedded default model.
+    With `mesh`, every parameter is placed straight into its sharding (see m1jax.sharding).
+    """
+    if source is None:
+        from m1jax.default_model import default_model_path
+        source = default_model_path()
+    source = str(source)
+    if source.startswith(PRESET_PREFIX):
+        config = _with(get_preset(source[len(PRESET_PREFIX):]), dtype, config_overrides)
+        model = init_model(config, seed)
+        return model if mesh is None else shard_model(model, mesh)
+
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"from_pretrained: {path} does not exist (expected a directory or 'preset:NAME')")
+    from checkpoints_convert import is_orbax_checkpoint, load_orbax_checkpoint
+    from m1jax.weights import load_hf_checkpoint
+
+    if is_orbax_checkpoint(path):
+        config, restore = load_orbax_checkpoint(path)
+    else:
+        config, restore = ModelConfig.from_hf(path), lambda cfg, shardings: load_hf_checkpoint(
+            path, cfg, dtype=cfg.dtype, shardings=shardings)
+    config = _with(config, dtype, config_overrides)
+    model = abstract_model(config)
+    shardings = None if mesh is None else _param_shardings(model, mesh)
+    return with_params(model, restore(config, shardings))
+
+
+def _with(config: ModelConfig, dtype: str | None, overrides: dict) -> ModelConfig:
+    return config.replace(**({"dtype": dtype} if dtype else {}), **overrides)
+
+
+def _param_shardings(model: M1Model, mesh):
+    from m1jax.sharding import param_shardings
+    return param_shardings(model.config, mesh)
+
+
+def shard_model(model: M1Model, mesh) -> M1Model:
+    """Place an in-memory model's parameters into their shardings on `mesh`."""
+    shardings = _param_shardings(model, mesh)
+    return with_params(model, jax.tree.map(jax.device_put, params_of(model), shardings))

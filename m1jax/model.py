@@ -1,0 +1,230 @@
+"""The M1 decoder: embedding, a scanned stack of layer cycles, final norm, fp32 LM head (architecture.md §3-4).
+
+The layer stack is a pattern cycle (for M1: 7 lightning + 1 softmax) repeated `num_cycles` times; every
+parameter of a cycle carries a leading [num_cycles] axis and the stack runs as one `lax.scan` (or a Python
+loop with `scan=False`, for debugging; both give identical logits).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from m1jax.config import LayerType, ModelConfig
+from m1jax.layers.attention import SoftmaxAttention
+from m1jax.layers.common import dense_param
+from m1jax.layers.lightning import LightningAttention, lightning_slopes
+from m1jax.layers.moe import MoE
+from m1jax.layers.norms import RMSNorm
+
+
+class Context(NamedTuple):
+    """Per-call token bookkeeping shared by every layer."""
+
+    positions: Int[Array, "batch seq"]
+    token_mask: Array  # [batch, seq] bool: real tokens (False at left padding)
+    segment_ids: Array | None  # [batch, seq] int32 for packed documents
+    key_valid: Array | None  # [batch, slots] bool: valid KV-cache slots after this call's write
+    offset: Array | int  # KV-cache slot of this call's first token
+
+
+class DecoderLayer(nnx.Module):
+    """x' = alpha * h + beta * attn(h), h = norm(x) (post-norm: the residual is the normalised input)."""
+
+    def __init__(self, config: ModelConfig, layer_type: LayerType, *, stack: tuple[int, ...], rngs: nnx.Rngs):
+        d, dt = config.hidden_size, config.jnp_dtype
+        self.layer_type = layer_type
+        self.input_norm = RMSNorm(d, config.rms_norm_eps, stack=stack, dtype=dt)
+        attention = LightningAttention if layer_type == "lightning" else SoftmaxAttention
+        self.attn = attention(config, stack=stack, rngs=rngs)
+        self.post_attention_norm = RMSNorm(d, config.rms_norm_eps, stack=stack, dtype=dt)
+        self.moe = MoE(config, stack=stack, rngs=rngs)
+        self.config = config
+
+    def __call__(self, x, ctx: Context, slopes, cache, dispatch: str):
+        attn_alpha, attn_beta, mlp_alpha, mlp_beta = self.config.residual_scales(self.layer_type)
+        postnorm = self.config.postnorm
+
+        h = self.input_norm(x)
+        if self.layer_type == "lightning":
+            a, cache = self.attn(h, slopes, token_mask=ctx.token_mask, segment_ids=ctx.segment_ids, state=cache)
+        else:
+            a, cache = self.attn(h, ctx.positions, token_mask=ctx.token_mask, segment_ids=ctx.segment_ids,
+                                 kv=cache, key_valid=ctx.key_valid, offset=ctx.offset)
+        x = (h if postnorm else x) * attn_alpha + a * attn_beta
+
+        h = self.post_attention_norm(x)
+        m, stats = self.moe(h, ctx.token_mask, dispatch)
+        x = (h if postnorm else x) * mlp_alpha + m * mlp_beta
+        return x, cache, stats
+
+
+class LayerCycle(nnx.Module):
+    """One period of the layer pattern; its parameters are stacked over the cycles."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        stack = (config.num_cycles,)
+        self.layers = nnx.List([DecoderLayer(config, t, stack=stack, rngs=rngs) for t in config.cycle])
+
+    def __call__(self, x, ctx: Context, slopes, caches, dispatch: str):
+        new_caches, stats = {}, {}
+        for j, layer in enumerate(self.layers):
+            x, new_caches[j], stats[j] = layer(x, ctx, slopes[j], caches[j], dispatch)
+        return x, new_caches, stats
+
+
+class Output(NamedTuple):
+    logits: Float[Array, "batch seq vocab"]  # fp32
+    cache: Any  # updated per-layer caches ({cycle position: stacked cache}) or None
+    router: dict  # per-layer router statistics, each with a leading [num_layers] axis
+
+
+class M1Model(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, v, dt = config.hidden_size, config.vocab_size, config.jnp_dtype
+        self.config = config
+        self.embed_tokens = nnx.Param(jax.random.normal(rngs.params(), (v, d), jnp.float32).astype(dt))
+        self.cycles = LayerCycle(config, rngs=rngs)
+        self.final_norm = RMSNorm(d, config.rms_norm_eps, dtype=dt)
+        if not config.tie_word_embeddings:
+            self.lm_head = dense_param(rngs, (d, v), d, dt)
+
+    def __call__(self, input_ids: Int[Array, "batch seq"], attention_mask: Array | None = None
+                 ) -> Float[Array, "batch seq vocab"]:
+        """fp32 logits for a batch of (left-padded) token ids."""
+        return forward(self, input_ids, attention_mask=attention_mask).logits
+
+    def head(self, y: Float[Array, "... d"]) -> Float[Array, "... vocab"]:
+        """The LM head in fp32 (the M1 report's fix): fp32(y) @ fp32(W)."""
+        w = self.embed_tokens[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+        return y.astype(jnp.float32) @ w.astype(jnp.float32)
+
+
+def default_positions(token_mask: Array, segment_ids: Array | None) -> Int[Array, "batch seq"]:
+    """Positions counting real tokens only (left padding) and restarting at each packed document."""
+    if segment_ids is None:
+        return jnp.maximum(jnp.cumsum(token_mask.astype(jnp.int32), axis=1) - 1, 0)
+    idx = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
+    new_doc = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return idx - jax.lax.cummax(jnp.where(new_doc, idx, 0), axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("scan", "dispatch", "remat"))
+def forward(
+    model: M1Model,
+    input_ids: Int[Array, "batch seq"],
+    *,
+    attention_mask: Array | None = None,
+    segment_ids: Int[Array, "batch seq"] | None = None,
+    positions: Int[Array, "batch seq"] | None = None,
+    cache: dict | None = None,
+    scan: bool = True,
+    dispatch: str = "ragged",
+    remat: bool = False,
+) -> Output:
+    """The whole decoder as one pure function.
+
+    `cache` (see m1jax.cache) is {"layers": {cycle position j: fp32 state [C, batch, heads, D, D] (lightning) or
+    (k, v) buffers [C, batch, slots, kv_heads, D] (softmax)}, "key_valid": [batch, slots] bool, "offset": int32
+    (first free slot), "next_position": [batch] int32}; the returned cache has this call's tokens appended.
+    Without it every lightning layer starts from a zero state and attention sees this call's tokens only.
+    """
+    cfg = model.config
+    b, n = input_ids.shape
+    token_mask = jnp.ones((b, n), bool) if attention_mask is None else attention_mask.astype(bool)
+    if positions is None:
+        positions = default_positions(token_mask, segment_ids)
+        if cache is not None:
+            positions = positions + cache["next_position"][:, None]
+    if cache is None:
+        layer_caches, ctx = None, Context(positions, token_mask, segment_ids, None, 0)
+    else:
+        layer_caches, offset = cache["layers"], cache["offset"]
+        key_valid = jax.lax.dynamic_update_slice(cache["key_valid"], token_mask, (0, offset))
+        ctx = Context(positions, token_mask, segment_ids, key_valid, offset)
+
+    x = jnp.take(model.embed_tokens[...], input_ids, axis=0)
+    period = len(cfg.cycle)
+    slopes = jnp.asarray(lightning_slopes(cfg).reshape(cfg.num_cycles, period, cfg.num_heads))
+    if layer_caches is None:
+        layer_caches = {j: None for j in range(period)}
+
+    def run_cycle(x, cycle, slopes_c, caches_c):
+        return cycle(x, ctx, slopes_c, caches_c, dispatch)
+
+    if remat:
+        run_cycle = jax.checkpoint(run_cycle, policy=jax.checkpoint_policies.nothing_saveable)
+
+    if scan:
+        def body(x, xs):
+            cycle, slopes_c, caches_c = xs
+            x, new_caches, stats = run_cycle(x, cycle, slopes_c, caches_c)
+            return x, (new_caches, stats)
+
+        x, (new_caches, stats) = jax.lax.scan(body, x, (model.cycles, slopes, layer_caches))
+    else:
+        outs = []
+        for c in range(cfg.num_cycles):
+            cycle_c, caches_c = jax.tree.map(lambda a: a[c], (model.cycles, layer_caches))
+            x, new_c, stats_c = run_cycle(x, cycle_c, slopes[c], caches_c)
+            outs.append((new_c, stats_c))
+        new_caches, stats = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+    logits = model.head(model.final_norm(x))
+    # stats: {j: leaf [num_cycles, ...]} -> leaf [num_layers, ...] in absolute layer order
+    router = jax.tree.map(lambda *per_j: jnp.stack(per_j, 1).reshape((cfg.num_layers,) + per_j[0].shape[1:]),
+                          *[stats[j] for j in range(period)])
+    out_cache = None if cache is None else {
+        "layers": new_caches, "key_valid": ctx.key_valid, "offset": ctx.offset + n,
+        "next_position": cache["next_position"] + jnp.sum(token_mask, axis=1, dtype=jnp.int32)}
+    return Output(logits, out_cache, router)
+
+
+# ---- construction and accounting ---------------------------------------------------------------
+def init_model(config: ModelConfig, seed: int = 0) -> M1Model:
+    """A randomly initialised model (LeCun-normal weights)."""
+    return M1Model(config, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(config: ModelConfig) -> M1Model:
+    """The model with jax.ShapeDtypeStruct leaves: shapes and dtypes without allocating anything."""
+    return nnx.eval_shape(lambda: M1Model(config, rngs=nnx.Rngs(0)))
+
+
+def abstract_params(config: ModelConfig) -> dict:
+    """The parameter tree (see /work/notes-style layout in m1jax.weights) as ShapeDtypeStructs."""
+    return nnx.to_pure_dict(nnx.state(abstract_model(config), nnx.Param))
+
+
+def params_of(model: M1Model) -> dict:
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def with_params(model: M1Model, params: dict) -> M1Model:
+    """A copy of `model` (concrete or abstract) whose parameters are `params` (a pure dict)."""
+    graphdef, state = nnx.split(model)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def parameter_counts(config: ModelConfig) -> dict[str, int]:
+    """Total parameters and parameters active per token (top-k experts only, excluding embeddings and LM head)."""
+    params = abstract_params(config)
+    size = lambda tree: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
+    total = size(params)
+    embeddings = size(params["embed_tokens"]) + size(params.get("lm_head", {}))
+    experts = sum(size([layer["moe"][w] for w in ("w1", "w2", "w3")])
+                  for layer in params["cycles"]["layers"].values())
+    active_experts = experts * config.num_experts_per_tok // config.num_experts
+    return {
+        "total": total,
+        "embeddings": embeddings,
+        "experts": experts,
+        "active": total - embeddings - experts + active_experts,
+    }

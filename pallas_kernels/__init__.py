@@ -1,0 +1,5 @@
+"""Pallas kernels for m1jax, each with a reference and an XLA fallback beside it."""
+
+from pallas_kernels.lightning import lightning_attention, lightning_decode_step
+
+__all__ = ["lightning_attention", "lightning_decode_step"]

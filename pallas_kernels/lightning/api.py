@@ -1,0 +1,90 @@
+"""Public lightning-attention entry points: shape checks and dispatch to one implementation.
+
+``impl``: "reference" (token recurrence), "xla" (chunked scan), "pallas_gpu" (Pallas Triton kernels),
+"pallas_tpu" (Mosaic TPU kernels), or "auto" (pallas_gpu on GPU, pallas_tpu on TPU, xla elsewhere).
+"""
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from pallas_kernels.lightning.decode import lightning_decode_step_xla
+from pallas_kernels.lightning.pallas_gpu import lightning_attention_pallas_gpu
+from pallas_kernels.lightning.reference import lightning_attention_reference
+from pallas_kernels.lightning.xla import lightning_attention_xla
+
+IMPLS = ("reference", "xla", "pallas_gpu", "pallas_tpu", "auto")
+
+
+def _resolve_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"lightning_attention: unknown impl {impl!r}; expected one of {IMPLS}")
+    if impl != "auto":
+        return impl
+    return {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(jax.default_backend(), "xla")
+
+
+def _check_shapes(q, k, v, slopes, initial_state, segment_ids) -> None:
+    if q.ndim != 4 or k.shape != q.shape:
+        raise ValueError(f"lightning_attention: q and k must both be [batch, seq, heads, head_dim]; "
+                         f"got q {q.shape}, k {k.shape}")
+    batch, seq, heads, dk = q.shape
+    if v.ndim != 4 or v.shape[:3] != (batch, seq, heads):
+        raise ValueError(f"lightning_attention: v must be [batch, seq, heads, dv] = [{batch}, {seq}, {heads}, dv]; "
+                         f"got {v.shape}")
+    if slopes.shape != (heads,):
+        raise ValueError(f"lightning_attention: slopes must be [heads] = [{heads}]; got {slopes.shape}")
+    for name, x in (("q", q), ("k", k), ("v", v), ("slopes", slopes)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"lightning_attention: {name} must be floating point; got {x.dtype}")
+    state_shape = (batch, heads, dk, v.shape[-1])
+    if initial_state is not None and initial_state.shape != state_shape:
+        raise ValueError(f"lightning_attention: initial_state must be [batch, heads, dk, dv] = {state_shape}; "
+                         f"got {initial_state.shape}")
+    if segment_ids is not None and (segment_ids.shape != (batch, seq)
+                                    or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
+        raise ValueError(f"lightning_attention: segment_ids must be integer [batch, seq] = [{batch}, {seq}]; "
+                         f"got {segment_ids.dtype} {segment_ids.shape}")
+
+
+def lightning_attention(
+    q: Float[Array, "batch seq heads dk"],
+    k: Float[Array, "batch seq heads dk"],
+    v: Float[Array, "batch seq heads dv"],
+    slopes: Float[Array, " heads"],
+    *,
+    initial_state: Float[Array, "batch heads dk dv"] | None = None,
+    segment_ids: Int[Array, "batch seq"] | None = None,
+    impl: str = "auto",
+    interpret: bool | None = None,
+    chunk_size: int | None = None,
+) -> tuple[Float[Array, "batch seq heads dv"], Float[Array, "batch heads dk dv"]]:
+    """Causal linear attention with a fixed per-head decay ``exp(-slope)`` (MiniMax lightning attention).
+
+    ``S_t = exp(-slope) S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``. Returns ``(out, final_state)``: out in q.dtype,
+    the state in fp32. ``segment_ids`` resets the state where a new packed segment starts; the final state is then
+    that of the last segment. ``interpret`` (Pallas impls only) defaults to True on CPU.
+    """
+    _check_shapes(q, k, v, slopes, initial_state, segment_ids)
+    impl = _resolve_impl(impl)
+    if impl == "reference":
+        return lightning_attention_reference(q, k, v, slopes, initial_state, segment_ids)
+    if impl == "xla":
+        return lightning_attention_xla(q, k, v, slopes, initial_state, segment_ids, chunk_size=chunk_size or 64)
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    if impl == "pallas_gpu":
+        return lightning_attention_pallas_gpu(q, k, v, slopes, initial_state, segment_ids,
+                                              chunk_size=chunk_size or 64, interpret=interpret)
+    raise NotImplementedError(f"lightning_attention: impl {impl!r} is not available yet")
+
+
+def lightning_decode_step(
+    q: Float[Array, "batch heads dk"],
+    k: Float[Array, "batch heads dk"],
+    v: Float[Array, "batch heads dv"],
+    slopes: Float[Array, " heads"],
+    state: Float[Array, "batch heads dk dv"],
+) -> tuple[Float[Array, "batch heads dv"], Float[Array, "batch heads dk dv"]]:
+    """One decode token: ``state <- exp(-slope) state + k^T v``, ``out = q state``. Donate ``state`` under jit."""
+    return lightning_decode_step_xla(q, k, v, slopes, state)

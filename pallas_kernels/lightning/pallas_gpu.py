@@ -1,0 +1,408 @@
+"""Lightning attention for Hopper GPUs (H100/H200) with the Pallas **Triton** backend, forward and backward.
+
+Sequence-split design (kernels.md §5.2-5.3), so that batch 1 still fills the GPU. The sequence is cut into
+blocks of ``chunks_per_block`` chunks of ``chunk`` tokens; states are only ever materialised at block boundaries:
+
+forward   1. ``_local_kernel``  (parallel over batch, heads, blocks, v-tiles): each block's own state contribution
+             ``L_b = sum_i lam^(end-1-i) k_i^T v_i``.
+          2. ``_scan_kernel``   (parallel over batch, heads, k-rows): ``S_b = g_b S_{b-1} + L_b``, storing the state
+             entering every block (fp32) and the final state.
+          3. ``_output_kernel`` (parallel over batch, heads, blocks, v-tiles): walks the block's chunks from its entry
+             state: ``o = ((Q K^T) * D) V + a * (Q S)``, ``S <- gamma S + (b * K)^T V``.
+backward  the same two passes recompute the entry states (nothing but q, k, v is saved), the mirrored pair gives the
+          state gradient at every block end (``G_{b-1} = g_b G_b + sum_i lam^(i+1) q_i^T do_i``, ending in d
+          initial_state), then ``_dqk_kernel`` (forward sweep for dq, reverse sweep for dk) and ``_dv_kernel``
+          (reverse sweep) run in parallel over blocks.
+
+All dots take operands in the input dtype with fp32 accumulation; states and decays are fp32. Shapes the Triton
+compiler cannot take (non-power-of-two tiles, dims below 16) are refused in ``check_shapes`` with a ValueError,
+because interpret mode does not check them.
+
+Path to Mosaic GPU (the Triton backend is deprecated since jax 0.11): keep this decomposition and the wrapper, and
+port the kernels one by one to ``plgpu.kernel``: TMA copies of the q/k/v chunk tiles into a 2-3 stage swizzled SMEM
+ring (``TilingTransform((8, 64))``, ``SwizzleTransform(128)``), the chunk state as a ``plgpu.ACC((dk, BV), f32)``
+accumulator, the four chunk products as ``plgpu.wgmma`` (``transpose_ref`` for ``K^T V`` and ``Q^T dO``), one
+producer and one or two consumer warpgroups as in ``attention_mgpu.py``. Test in CPU interpret mode with the private
+``InterpretGPUParams``. Chunk 64 maps onto one warpgroup's wgmma M.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from pallas_kernels.lightning.xla import segment_index
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Static kernel parameters; all tile sizes powers of two and >= 16."""
+    seq: int                # true sequence length (the arrays are padded to a multiple of block)
+    chunk: int              # tokens per intra-chunk product
+    chunks_per_block: int   # chunks between stored states
+    block_k: int            # dk tile of the dq/dk kernel
+    block_v: int            # dv tile of the state, output and dv kernels
+    scan_rows: int          # dk rows per program of the state scan
+    segmented: bool
+    interpret: bool
+
+    @property
+    def block(self) -> int:
+        return self.chunk * self.chunks_per_block
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def check_shapes(dk: int, dv: int, chunk: int) -> None:
+    """Refuse what the Triton compiler cannot take: power-of-two sizes, dot dimensions >= 16."""
+    for name, n in (("head_dim of q/k", dk), ("head_dim of v", dv), ("chunk_size", chunk)):
+        if not _is_pow2(n) or n < 16:
+            raise ValueError(f"lightning_attention(impl='pallas_gpu'): {name} = {n}; the Triton kernels need a power "
+                             f"of two >= 16 (use impl='xla' for other shapes)")
+    if dk > 256 or dv > 256:
+        raise ValueError(f"lightning_attention(impl='pallas_gpu'): head dims up to 256 are supported; got dk={dk}, "
+                         f"dv={dv}")
+
+
+def make_config(seq: int, dk: int, dv: int, chunk: int, segmented: bool, interpret: bool) -> Config:
+    check_shapes(dk, dv, chunk)
+    n_chunks = -(-seq // chunk)
+    return Config(seq=seq, chunk=chunk, chunks_per_block=max(1, min(512 // chunk, n_chunks)),
+                  block_k=min(dk, 64), block_v=min(dv, 64), scan_rows=16, segmented=segmented, interpret=interpret)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In-kernel helpers
+
+
+def _intra_decay(s, chunk):
+    """``D_ij = lam^(i-j)`` for ``i >= j``, else 0 (the exponent is masked, never the result)."""
+    i = jnp.arange(chunk, dtype=jnp.int32)
+    diff = i[:, None] - i[None, :]
+    return jnp.where(diff >= 0, jnp.exp(-s * jnp.maximum(diff, 0).astype(F32)), 0.0)
+
+
+def _chunk_factors(s, start, cfg: Config, intra, seg_refs, sl):
+    """q-decay ``a``, k-decay ``b``, chunk decay ``gamma`` and intra mask of the chunk starting at token ``start``."""
+    i = jnp.arange(cfg.chunk, dtype=jnp.int32)
+    n_valid = jnp.clip(cfg.seq - start, 0, cfg.chunk)
+    a = jnp.exp(-s * (i + 1).astype(F32))
+    rem = n_valid - 1 - i
+    b = jnp.where(rem >= 0, jnp.exp(-s * jnp.maximum(rem, 0).astype(F32)), 0.0)
+    gamma = jnp.exp(-s * n_valid.astype(F32))
+    if seg_refs is not None:
+        seg_ref, segp_ref = seg_refs
+        seg, segp = seg_ref[sl], segp_ref[sl]
+        seg_open, seg_last = jnp.min(segp), jnp.max(seg)
+        a = jnp.where(seg == seg_open, a, 0.0)
+        b = jnp.where(seg == seg_last, b, 0.0)
+        gamma = jnp.where(seg_last == seg_open, gamma, 0.0)
+        intra = jnp.where(seg[:, None] == seg[None, :], intra, 0.0)
+    return a, b, gamma, intra
+
+
+def _block_start(cfg: Config):
+    return pl.program_id(2) * cfg.block
+
+
+def _dot(a, b):
+    return jnp.dot(a, b, preferred_element_type=F32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels. Grid (batch, heads, blocks, tile) unless stated; refs are one block of one (batch, head).
+
+
+def _local_kernel(s_ref, x_ref, y_ref, *rest, cfg: Config, backward: bool):
+    """Block-local state contribution ``sum_i w_i x_i^T y_i``.
+
+    forward  (x=k, y=v):  w_i = lam^(end-1-i) for rows in the block's last segment (the state leaving the block);
+    backward (x=q, y=do): w_i = lam^(i+1) for rows in the segment open at the block start (gradient entering it).
+    """
+    seg_refs, (out_ref,) = (rest[:2], rest[2:]) if cfg.segmented else (None, rest)
+    s = s_ref[0]
+    start = _block_start(cfg)
+    end = jnp.minimum(cfg.seq, start + cfg.block)
+    i = jnp.arange(cfg.chunk, dtype=jnp.int32)
+    if seg_refs is not None:
+        seg_open = jnp.min(seg_refs[1][pl.ds(0, cfg.chunk)])
+        seg_last = jnp.max(seg_refs[0][pl.ds(cfg.block - cfg.chunk, cfg.chunk)])
+
+    def body(r, acc):
+        sl = pl.ds(pl.multiple_of(r * cfg.chunk, cfg.chunk), cfg.chunk)
+        t = start + r * cfg.chunk + i
+        power = (t - start + 1) if backward else (end - 1 - t)
+        w = jnp.where(power >= 0, jnp.exp(-s * jnp.maximum(power, 0).astype(F32)), 0.0)
+        if seg_refs is not None:
+            w = jnp.where(seg_refs[0][sl] == (seg_open if backward else seg_last), w, 0.0)
+        x = x_ref[sl, :]
+        xw = (x.astype(F32) * w[:, None]).astype(x.dtype)
+        return acc + _dot(xw.T, y_ref[sl, :])
+
+    acc = jnp.zeros(out_ref.shape, F32)
+    out_ref[...] = jax.lax.fori_loop(0, cfg.chunks_per_block, body, acc)
+
+
+def _scan_kernel(g_ref, y_ref, init_ref, states_ref, last_ref, *, n_blocks: int, reverse: bool):
+    """``X <- g_b X + Y_b`` over blocks (reversed for the gradient), storing X before each step; grid (B, H, rows)."""
+
+    def body(j, x):
+        b = n_blocks - 1 - j if reverse else j
+        states_ref[b] = x
+        return g_ref[b] * x + y_ref[b]
+
+    last_ref[...] = jax.lax.fori_loop(0, n_blocks, body, init_ref[...].astype(F32))
+
+
+def _output_kernel(s_ref, q_ref, k_ref, v_ref, *rest, cfg: Config):
+    """Forward output of one block (one v-tile) from the state entering it."""
+    seg_refs, (s_in_ref, o_ref) = (rest[:2], rest[2:]) if cfg.segmented else (None, rest)
+    s = s_ref[0]
+    start = _block_start(cfg)
+    intra0 = _intra_decay(s, cfg.chunk)
+
+    def body(r, state):
+        sl = pl.ds(pl.multiple_of(r * cfg.chunk, cfg.chunk), cfg.chunk)
+        a, b, gamma, intra = _chunk_factors(s, start + r * cfg.chunk, cfg, intra0, seg_refs, sl)
+        q, k, v = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]
+        scores = _dot(q, k.T) * intra
+        out = _dot(scores.astype(v.dtype), v) + a[:, None] * _dot(q, state.astype(q.dtype))
+        o_ref[sl, :] = out.astype(o_ref.dtype)
+        kb = (k.astype(F32) * b[:, None]).astype(k.dtype)
+        return gamma * state + _dot(kb.T, v)
+
+    jax.lax.fori_loop(0, cfg.chunks_per_block, body, s_in_ref[...])
+
+
+def _dqk_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, *rest, cfg: Config):
+    """dq (forward sweep from the entry state) and dk (reverse sweep from the exit gradient) for one dk tile."""
+    seg_refs, (s_in_ref, g_out_ref, dq_ref, dk_ref) = (rest[:2], rest[2:]) if cfg.segmented else (None, rest)
+    s = s_ref[0]
+    start = _block_start(cfg)
+    intra0 = _intra_decay(s, cfg.chunk)
+
+    def load(r):
+        sl = pl.ds(pl.multiple_of(r * cfg.chunk, cfg.chunk), cfg.chunk)
+        factors = _chunk_factors(s, start + r * cfg.chunk, cfg, intra0, seg_refs, sl)
+        return sl, factors, q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], do_ref[sl, :]
+
+    def forward(r, state):  # state: [BK, dv], entering chunk r
+        sl, (a, b, gamma, intra), q, k, v, do = load(r)
+        dp = _dot(do, v.T) * intra
+        dq = _dot(dp.astype(k.dtype), k) + a[:, None] * _dot(do, state.astype(do.dtype).T)
+        dq_ref[sl, :] = dq.astype(dq_ref.dtype)
+        kb = (k.astype(F32) * b[:, None]).astype(k.dtype)
+        return gamma * state + _dot(kb.T, v)
+
+    def backward(j, dstate):  # dstate: [BK, dv], gradient of the state leaving chunk r
+        r = cfg.chunks_per_block - 1 - j
+        sl, (a, b, gamma, intra), q, k, v, do = load(r)
+        dp = _dot(do, v.T) * intra
+        dk = _dot(dp.T.astype(q.dtype), q) + b[:, None] * _dot(v, dstate.astype(v.dtype).T)
+        dk_ref[sl, :] = dk.astype(dk_ref.dtype)
+        qa = (q.astype(F32) * a[:, None]).astype(q.dtype)
+        return gamma * dstate + _dot(qa.T, do)
+
+    jax.lax.fori_loop(0, cfg.chunks_per_block, forward, s_in_ref[...])
+    jax.lax.fori_loop(0, cfg.chunks_per_block, backward, g_out_ref[...])
+
+
+def _dv_kernel(s_ref, q_ref, k_ref, do_ref, *rest, cfg: Config):
+    """dv for one dv tile: reverse sweep from the gradient of the state leaving the block."""
+    seg_refs, (g_out_ref, dv_ref) = (rest[:2], rest[2:]) if cfg.segmented else (None, rest)
+    s = s_ref[0]
+    start = _block_start(cfg)
+    intra0 = _intra_decay(s, cfg.chunk)
+
+    def backward(j, dstate):  # dstate: [dk, BV]
+        r = cfg.chunks_per_block - 1 - j
+        sl = pl.ds(pl.multiple_of(r * cfg.chunk, cfg.chunk), cfg.chunk)
+        a, b, gamma, intra = _chunk_factors(s, start + r * cfg.chunk, cfg, intra0, seg_refs, sl)
+        q, k, do = q_ref[sl, :], k_ref[sl, :], do_ref[sl, :]
+        scores = _dot(q, k.T) * intra
+        dv = _dot(scores.T.astype(do.dtype), do) + b[:, None] * _dot(k, dstate.astype(k.dtype))
+        dv_ref[sl, :] = dv.astype(dv_ref.dtype)
+        qa = (q.astype(F32) * a[:, None]).astype(q.dtype)
+        return gamma * dstate + _dot(qa.T, do)
+
+    jax.lax.fori_loop(0, cfg.chunks_per_block, backward, g_out_ref[...])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pallas_call wrappers. Arrays: q, k, v, do [B, Tp, H, d]; block states [B, H, NB, dk, dv] fp32.
+
+
+def _params(num_warps: int, num_stages: int = 2):
+    return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _seq_spec(cfg: Config, width: int, tiled: bool):
+    """Spec of a [B, Tp, H, d] array: one block of tokens, the full width or the grid's tile of it."""
+    return pl.BlockSpec((None, cfg.block, None, width), lambda b, h, n, j: (b, n, h, j if tiled else 0))
+
+
+def _state_spec(rows: int, cols: int, tile_rows: bool):
+    """Spec of a [B, H, NB, dk, dv] block-state array: this block's state, tiled along dk or dv."""
+    return pl.BlockSpec((None, None, None, rows, cols),
+                        lambda b, h, n, j: (b, h, n, j, 0) if tile_rows else (b, h, n, 0, j))
+
+
+def _common_specs(cfg: Config):
+    slope = pl.BlockSpec((1,), lambda b, h, n, j: (h,))
+    seg = [pl.BlockSpec((None, cfg.block), lambda b, h, n, j: (b, n))] * 2 if cfg.segmented else []
+    return slope, seg
+
+
+def _local_states(x, y, slopes, segs, cfg: Config, backward: bool):
+    batch, tp, heads, dk = x.shape
+    dv = y.shape[-1]
+    nb = tp // cfg.block
+    slope, seg = _common_specs(cfg)
+    return pl.pallas_call(
+        functools.partial(_local_kernel, cfg=cfg, backward=backward),
+        grid=(batch, heads, nb, dv // cfg.block_v),
+        in_specs=[slope, _seq_spec(cfg, dk, False), _seq_spec(cfg, cfg.block_v, True), *seg],
+        out_specs=_state_spec(dk, cfg.block_v, False),
+        out_shape=jax.ShapeDtypeStruct((batch, heads, nb, dk, dv), F32),
+        compiler_params=_params(4),
+        interpret=cfg.interpret,
+        name="lightning_local_states",
+    )(slopes, x, y, *segs)
+
+
+def _scan(block_decay, local, init, cfg: Config, reverse: bool):
+    batch, heads, nb, dk, dv = local.shape
+    rows = cfg.scan_rows
+    full = pl.BlockSpec((None, None, nb, rows, dv), lambda b, h, j: (b, h, 0, j, 0))
+    one = pl.BlockSpec((None, None, rows, dv), lambda b, h, j: (b, h, j, 0))
+    return pl.pallas_call(
+        functools.partial(_scan_kernel, n_blocks=nb, reverse=reverse),
+        grid=(batch, heads, dk // rows),
+        in_specs=[pl.BlockSpec((None, None, nb), lambda b, h, j: (b, h, 0)), full, one],
+        out_specs=[full, one],
+        out_shape=[jax.ShapeDtypeStruct(local.shape, F32), jax.ShapeDtypeStruct(init.shape, F32)],
+        compiler_params=_params(4, 3),
+        interpret=cfg.interpret,
+        name="lightning_state_scan",
+    )(block_decay, local, init)
+
+
+def _block_decay(slopes, segs, cfg: Config, batch: int, nb: int):
+    """``g_b = lam^len_b``, zero where a segment starts inside block b: [B, H, nb] fp32 (plain XLA, tiny)."""
+    starts = jnp.arange(nb) * cfg.block
+    lengths = jnp.clip(cfg.seq - starts, 0, cfg.block).astype(F32)
+    g = jnp.exp(-slopes.astype(F32)[:, None] * lengths[None, :])[None]
+    if not segs:
+        return jnp.broadcast_to(g, (batch, *g.shape[1:]))
+    seg, segp = segs
+    keep = seg[:, starts + cfg.block - 1] == segp[:, starts]
+    return g * keep[:, None, :].astype(F32)
+
+
+def _entry_states(k, v, slopes, h0, segs, cfg: Config):
+    """State entering every block, [B, H, NB, dk, dv] fp32, and the final state."""
+    local = _local_states(k, v, slopes, segs, cfg, backward=False)
+    g = _block_decay(slopes, segs, cfg, k.shape[0], local.shape[2])
+    return _scan(g, local, h0, cfg, reverse=False)
+
+
+def _output(q, k, v, slopes, segs, s_in, cfg: Config):
+    batch, tp, heads, dk = q.shape
+    dv = v.shape[-1]
+    slope, seg = _common_specs(cfg)
+    return pl.pallas_call(
+        functools.partial(_output_kernel, cfg=cfg),
+        grid=(batch, heads, tp // cfg.block, dv // cfg.block_v),
+        in_specs=[slope, _seq_spec(cfg, dk, False), _seq_spec(cfg, dk, False), _seq_spec(cfg, cfg.block_v, True),
+                  *seg, _state_spec(dk, cfg.block_v, False)],
+        out_specs=_seq_spec(cfg, cfg.block_v, True),
+        out_shape=jax.ShapeDtypeStruct(v.shape, q.dtype),
+        compiler_params=_params(4, 2),
+        interpret=cfg.interpret,
+        name="lightning_output",
+    )(slopes, q, k, v, *segs, s_in)
+
+
+def _gradients(q, k, v, do, slopes, segs, s_in, g_out, cfg: Config):
+    batch, tp, heads, dk = q.shape
+    dv = v.shape[-1]
+    nb = tp // cfg.block
+    slope, seg = _common_specs(cfg)
+    dq, dk_ = pl.pallas_call(
+        functools.partial(_dqk_kernel, cfg=cfg),
+        grid=(batch, heads, nb, dk // cfg.block_k),
+        in_specs=[slope, _seq_spec(cfg, cfg.block_k, True), _seq_spec(cfg, cfg.block_k, True),
+                  _seq_spec(cfg, dv, False), _seq_spec(cfg, dv, False), *seg,
+                  _state_spec(cfg.block_k, dv, True), _state_spec(cfg.block_k, dv, True)],
+        out_specs=[_seq_spec(cfg, cfg.block_k, True)] * 2,
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype)],
+        compiler_params=_params(4, 2),
+        interpret=cfg.interpret,
+        name="lightning_dqk",
+    )(slopes, q, k, v, do, *segs, s_in, g_out)
+    dv_ = pl.pallas_call(
+        functools.partial(_dv_kernel, cfg=cfg),
+        grid=(batch, heads, nb, dv // cfg.block_v),
+        in_specs=[slope, _seq_spec(cfg, dk, False), _seq_spec(cfg, dk, False), _seq_spec(cfg, cfg.block_v, True),
+                  *seg, _state_spec(dk, cfg.block_v, False)],
+        out_specs=_seq_spec(cfg, cfg.block_v, True),
+        out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype),
+        compiler_params=_params(4, 2),
+        interpret=cfg.interpret,
+        name="lightning_dv",
+    )(slopes, q, k, do, *segs, g_out)
+    return dq, dk_, dv_
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# custom_vjp over padded arrays
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lightning(cfg: Config, q, k, v, slopes, h0, segs):
+    s_in, final = _entry_states(k, v, slopes, h0, segs, cfg)
+    return _output(q, k, v, slopes, segs, s_in, cfg), final
+
+
+def _lightning_fwd(cfg, q, k, v, slopes, h0, segs):
+    return _lightning(cfg, q, k, v, slopes, h0, segs), (q, k, v, slopes, h0, segs)
+
+
+def _lightning_bwd(cfg, residuals, cotangents):
+    q, k, v, slopes, h0, segs = residuals
+    do, d_final = cotangents
+    do = do.astype(q.dtype)
+    s_in, _ = _entry_states(k, v, slopes, h0, segs, cfg)
+    local = _local_states(q, do, slopes, segs, cfg, backward=True)
+    g = _block_decay(slopes, segs, cfg, q.shape[0], local.shape[2])
+    g_out, dh0 = _scan(g, local, d_final.astype(F32), cfg, reverse=True)
+    dq, dk, dv = _gradients(q, k, v, do, slopes, segs, s_in, g_out, cfg)
+    return dq, dk, dv, jnp.zeros_like(slopes), dh0.astype(h0.dtype), None
+
+
+_lightning.defvjp(_lightning_fwd, _lightning_bwd)
+
+
+def lightning_attention_pallas_gpu(q, k, v, slopes, initial_state, segment_ids, *, chunk_size: int,
+                                   interpret: bool):
+    """[B, T, H, d] in, ([B, T, H, dv], [B, H, dk, dv] fp32) out; pads T to a whole number of blocks."""
+    batch, seq, heads, dk = q.shape
+    dv = v.shape[-1]
+    cfg = make_config(seq, dk, dv, chunk_size, segment_ids is not None, interpret)
+    pad = -seq % cfg.block
+    pad_seq = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    if segment_ids is None:
+        segs = ()
+    else:
+        seg = jnp.pad(segment_index(segment_ids), ((0, 0), (0, pad)), mode="edge")
+        segs = (seg, jnp.concatenate([seg[:, :1], seg[:, :-1]], axis=1))
+    h0 = jnp.zeros((batch, heads, dk, dv), F32) if initial_state is None else initial_state.astype(F32)
+    out, final = _lightning(cfg, pad_seq(q), pad_seq(k), pad_seq(v), slopes.astype(F32), h0, segs)
+    return out[:, :seq], final
