@@ -266,13 +266,13 @@ def _fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         max_position_embeddings=hf.get("max_position_embeddings", 10_240_000),
-        dtype=_hf_dtype(hf.get("torch_dtype", hf.get("dtype", "bfloat16"))),
+        dtype=_hf_dtype(hf.get("torch_dtype", hf.get("dtype"))),
         eos_token_id=eos if isinstance(eos, int) else None,
     )
 
 
 def _hf_dtype(name) -> str:
-    name = str(name or "bfloat16").replace("torch.", "")
+    name = str(name or "float32").replace("torch.", "")  # transformers loads float32 when unstated
     return {"bf16": "bfloat16", "fp32": "float32", "float": "float32", "half": "float16"}.get(name, name)
 
 

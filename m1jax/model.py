@@ -22,6 +22,7 @@ from m1jax.layers.common import dense_param
 from m1jax.layers.lightning import LightningAttention, lightning_slopes
 from m1jax.layers.moe import MoE
 from m1jax.layers.norms import RMSNorm
+from m1jax.sharding import ACTIVATION, constrain
 
 
 class Context(NamedTuple):
@@ -32,6 +33,7 @@ class Context(NamedTuple):
     segment_ids: Array | None  # [batch, seq] int32 for packed documents
     key_valid: Array | None  # [batch, slots] bool: valid KV-cache slots after this call's write
     offset: Array | int  # KV-cache slot of this call's first token
+    expert_threshold: Array | None = None  # inference-time expert skipping (see layers.moe.route)
 
 
 class DecoderLayer(nnx.Module):
@@ -60,7 +62,7 @@ class DecoderLayer(nnx.Module):
         x = (h if postnorm else x) * attn_alpha + a * attn_beta
 
         h = self.post_attention_norm(x)
-        m, stats = self.moe(h, ctx.token_mask, dispatch)
+        m, stats = self.moe(h, ctx.token_mask, dispatch, ctx.expert_threshold)
         x = (h if postnorm else x) * mlp_alpha + m * mlp_beta
         return x, cache, stats
 
@@ -76,6 +78,7 @@ class LayerCycle(nnx.Module):
         new_caches, stats = {}, {}
         for j, layer in enumerate(self.layers):
             x, new_caches[j], stats[j] = layer(x, ctx, slopes[j], caches[j], dispatch)
+            x = constrain(x, ACTIVATION)
         return x, new_caches, stats
 
 
@@ -115,7 +118,7 @@ def default_positions(token_mask: Array, segment_ids: Array | None) -> Int[Array
     return idx - jax.lax.cummax(jnp.where(new_doc, idx, 0), axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("scan", "dispatch", "remat"))
+@functools.partial(jax.jit, static_argnames=("scan", "dispatch", "remat", "last_only"))
 def forward(
     model: M1Model,
     input_ids: Int[Array, "batch seq"],
@@ -125,8 +128,10 @@ def forward(
     positions: Int[Array, "batch seq"] | None = None,
     cache: dict | None = None,
     scan: bool = True,
-    dispatch: str = "ragged",
+    dispatch: str = "auto",
     remat: bool = False,
+    expert_threshold: Array | float | None = None,
+    last_only: bool = False,
 ) -> Output:
     """The whole decoder as one pure function.
 
@@ -134,6 +139,9 @@ def forward(
     (k, v) buffers [C, batch, slots, kv_heads, D] (softmax)}, "key_valid": [batch, slots] bool, "offset": int32
     (first free slot), "next_position": [batch] int32}; the returned cache has this call's tokens appended.
     Without it every lightning layer starts from a zero state and attention sees this call's tokens only.
+    `expert_threshold` (scalar or [batch]) skips selected experts whose routing weight is below it (inference
+    only; 0 skips nothing) and adds per-row counts "row_selected"/"row_skipped" [layers, batch, E] to `router`.
+    `last_only`: logits of the last position only ([batch, 1, vocab]; prefill needs no more).
     """
     cfg = model.config
     b, n = input_ids.shape
@@ -143,13 +151,13 @@ def forward(
         if cache is not None:
             positions = positions + cache["next_position"][:, None]
     if cache is None:
-        layer_caches, ctx = None, Context(positions, token_mask, segment_ids, None, 0)
+        layer_caches, ctx = None, Context(positions, token_mask, segment_ids, None, 0, expert_threshold)
     else:
         layer_caches, offset = cache["layers"], cache["offset"]
         key_valid = jax.lax.dynamic_update_slice(cache["key_valid"], token_mask, (0, offset))
-        ctx = Context(positions, token_mask, segment_ids, key_valid, offset)
+        ctx = Context(positions, token_mask, segment_ids, key_valid, offset, expert_threshold)
 
-    x = jnp.take(model.embed_tokens[...], input_ids, axis=0)
+    x = constrain(jnp.take(model.embed_tokens[...], input_ids, axis=0), ACTIVATION)
     period = len(cfg.cycle)
     slopes = jnp.asarray(lightning_slopes(cfg).reshape(cfg.num_cycles, period, cfg.num_heads))
     if layer_caches is None:
@@ -176,7 +184,7 @@ def forward(
             outs.append((new_c, stats_c))
         new_caches, stats = jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
-    logits = model.head(model.final_norm(x))
+    logits = model.head(model.final_norm(x[:, -1:] if last_only else x))
     # stats: {j: leaf [num_cycles, ...]} -> leaf [num_layers, ...] in absolute layer order
     router = jax.tree.map(lambda *per_j: jnp.stack(per_j, 1).reshape((cfg.num_layers,) + per_j[0].shape[1:]),
                           *[stats[j] for j in range(period)])

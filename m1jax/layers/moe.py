@@ -2,7 +2,8 @@
 
 Routing: fp32 softmax over all experts, then top-k, then the top-k weights renormalised (kept fp32, as the
 transformers port). Two single-device dispatches compute the same function: `dense` runs every expert on every
-token (the reference), `ragged` sorts token copies by expert and uses grouped matmuls.
+token (the reference), `ragged` sorts token copies by expert and uses grouped matmuls; `ep` (layers/moe_ep.py)
+runs them expert-parallel on the context mesh, and `auto` picks `ep` under a multi-device mesh, else `ragged`.
 """
 
 import jax
@@ -12,14 +13,23 @@ from jaxtyping import Array, Float, Int
 
 from m1jax.config import ModelConfig
 from m1jax.layers.common import ACTIVATIONS, dense_param
+from m1jax.layers.moe_ep import resolve_dispatch
 
 
-def route(x: Float[Array, "tokens d"], router: Float[Array, "d experts"], top_k: int):
-    """Return (router logits fp32, all-expert probabilities, top-k renormalised weights, top-k expert ids)."""
+def route(x: Float[Array, "tokens d"], router: Float[Array, "d experts"], top_k: int,
+          threshold: Float[Array, " tokens"] | None = None):
+    """Return (router logits fp32, all-expert probabilities, top-k renormalised weights, top-k expert ids).
+
+    With `threshold` (inference only), a selected expert whose renormalised weight is below it gets weight 0
+    (skipped; the other weights are not renormalised again); the top choice is always kept.
+    """
     logits = x.astype(jnp.float32) @ router.astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
     weights, experts = jax.lax.top_k(probs, top_k)
-    return logits, probs, weights / jnp.sum(weights, -1, keepdims=True), experts
+    weights = weights / jnp.sum(weights, -1, keepdims=True)
+    if threshold is not None:
+        weights = jnp.where((weights >= threshold[:, None]) | (jnp.arange(top_k) == 0), weights, 0.0)
+    return logits, probs, weights, experts
 
 
 def router_stats(logits, probs, experts: Int[Array, "tokens k"], token_mask: Float[Array, " tokens"]) -> dict:
@@ -32,6 +42,16 @@ def router_stats(logits, probs, experts: Int[Array, "tokens k"], token_mask: Flo
         "z_sum": m @ jnp.square(jax.nn.logsumexp(logits, axis=-1)),
         "tokens": jnp.sum(m),
     }
+
+
+def row_routing(experts: Int[Array, "tokens k"], weights: Float[Array, "tokens k"],
+                token_mask: Float[Array, "batch seq"], num_experts: int) -> dict:
+    """Per batch row: real tokens that selected each expert, and how many of those selections were skipped."""
+    b = token_mask.shape[0]
+    chosen = jax.nn.one_hot(experts, num_experts, dtype=jnp.float32) * token_mask.reshape(-1, 1, 1)  # [T, k, E]
+    skipped = chosen * (weights == 0)[..., None]
+    return {"row_selected": chosen.reshape(b, -1, num_experts).sum(1),
+            "row_skipped": skipped.reshape(b, -1, num_experts).sum(1)}
 
 
 def experts_dense(x, w1, w3, w2, weights, experts, act):
@@ -68,11 +88,22 @@ class MoE(nnx.Module):
         self.w2 = dense_param(rngs, (e, i, d), i, dt, stack)
         self.config = config
 
-    def __call__(self, h: Float[Array, "batch seq d"], token_mask: Float[Array, "batch seq"], dispatch: str = "ragged"):
+    def __call__(self, h: Float[Array, "batch seq d"], token_mask: Float[Array, "batch seq"], dispatch: str = "ragged",
+                 expert_threshold: Array | float | None = None):
+        """`expert_threshold` (scalar or [batch]; see `route`) also adds per-row counts to the stats."""
         cfg = self.config
         b, n, d = h.shape
         x = h.reshape(b * n, d)
-        logits, probs, weights, experts = route(x, self.router[...], cfg.num_experts_per_tok)
-        y = DISPATCH[dispatch](x, self.w1[...], self.w3[...], self.w2[...], weights, experts,
-                               ACTIVATIONS[cfg.hidden_act])
-        return y.reshape(b, n, d), router_stats(logits, probs, experts, token_mask.reshape(-1))
+        threshold = None if expert_threshold is None else jnp.broadcast_to(
+            jnp.reshape(jnp.asarray(expert_threshold, jnp.float32), (-1, 1)), (b, n)).reshape(-1)
+        logits, probs, weights, experts = route(x, self.router[...], cfg.num_experts_per_tok, threshold)
+        args = (x, self.w1[...], self.w3[...], self.w2[...], weights, experts, ACTIVATIONS[cfg.hidden_act])
+        dispatch = resolve_dispatch(dispatch)
+        if isinstance(dispatch, str):
+            y, dropped = DISPATCH[dispatch](*args), jnp.zeros((), jnp.float32)
+        else:  # expert parallel on the context mesh (m1jax.layers.moe_ep)
+            y, dropped = dispatch(*args, token_mask=token_mask.reshape(-1))
+        stats = router_stats(logits, probs, experts, token_mask.reshape(-1)) | {"dropped": dropped}
+        if threshold is not None:
+            stats.update(row_routing(experts, weights, token_mask, cfg.num_experts))
+        return y.reshape(b, n, d), stats

@@ -13,11 +13,12 @@ Triton needs every loaded block to be a power of two >= 16 on each matmul dim, s
 must have such a divisor (checked here; interpret mode would not catch it).
 
 Path to Mosaic GPU (the default GPU lowering since jax 0.9; the Triton backend is deprecated in 0.11):
-jax ships Hopper kernels for the same product in jax.experimental.pallas.ops.gpu.ragged_dot_mgpu
-(TMA + wgmma, grid of cdiv(m, block_m) + groups - 1 row tiles, the same straddle scheme) and
-transposed_ragged_dot_mgpu (the tgmm); openxla/tokamax wraps them with a custom VJP. Moving there means
-replacing the two kernels below by `plgpu.kernel` bodies with SMEM-staged operands; this module's
-wrapper, the schedule and the tests stay as they are.
+jax ships Hopper kernels for the same products in jax.experimental.pallas.ops.gpu: ragged_dot_mgpu
+(TMA + wgmma over cdiv(m, block_m) + groups - 1 row tiles, the same straddle scheme as here) and
+transposed_ragged_dot_mgpu (the tgmm); openxla/tokamax packages Mosaic GPU ragged dots for sm90/sm100.
+Moving over means replacing the two kernel bodies below by `plgpu.kernel` bodies with SMEM-staged
+operands; the wrapper contract, the schedule (tiling.py) and the tests stay. The benchmark times
+ragged_dot_mgpu beside this kernel so the switch can be judged on numbers.
 """
 
 import functools
@@ -143,8 +144,8 @@ def _tgmm_kernel(
         row_ids = row0 + jnp.arange(block_k, dtype=jnp.int32)
         in_group = ((row_ids >= start) & (row_ids < end))[:, None]
         rows = pl.ds(row0, block_k)
-        a = plt.load(lhs_ref.at[rows, lhs_cols], mask=jnp.broadcast_to(in_group, (block_k, block_m)), other=0)
-        b = plt.load(dout_ref.at[rows, dout_cols], mask=jnp.broadcast_to(in_group, (block_k, block_n)), other=0)
+        a = plt.load(lhs_ref.at[rows, lhs_cols], mask=jnp.broadcast_to(in_group, (block_k, block_m)), other=0.0)
+        b = plt.load(dout_ref.at[rows, dout_cols], mask=jnp.broadcast_to(in_group, (block_k, block_n)), other=0.0)
         return acc + lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
     num_steps = (end > start).astype(jnp.int32) * ((end + block_k - 1) // block_k - first_chunk)

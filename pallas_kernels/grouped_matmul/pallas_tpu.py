@@ -8,6 +8,7 @@ resident output block. Rows past sum(group_sizes) form one extra group that writ
 Block rules: the last two dims of every block must be multiples of (8, 128) or span the array, so
 feature tiles are multiples of 128 (or the whole dim) and tgmm's row chunks are multiples of 128.
 fp32 operands are multiplied at HIGHEST precision (Mosaic would round them to bf16 otherwise).
+interpret=True runs pltpu.InterpretParams(), the interpreter that follows TPU semantics on CPU.
 """
 
 import functools
@@ -45,6 +46,11 @@ def _fit_lanes(dim: int, block: int) -> int:
     while dim % block:
         block -= _LANES
     return block
+
+
+def _interpret_params(interpret: bool) -> pltpu.InterpretParams | bool:
+    """The TPU interpreter (it models TPU block pipelining and revisits) or none."""
+    return pltpu.InterpretParams() if interpret else False
 
 
 def _precision(dtype) -> lax.Precision:
@@ -121,7 +127,7 @@ def gmm(
             scratch_shapes=[pltpu.VMEM((block_m, block_n), jnp.float32)],
         ),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
-        interpret=interpret,
+        interpret=_interpret_params(interpret),
         name="grouped_matmul",
     )(sched.group_offsets, sched.group_ids, sched.row_tiles, lhs_p, rhs)
     return out[:m]
@@ -199,6 +205,6 @@ def tgmm(
             scratch_shapes=[pltpu.VMEM((block_m, block_n), jnp.float32)],
         ),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=interpret,
+        interpret=_interpret_params(interpret),
         name="transposed_grouped_matmul",
     )(sched.group_offsets, sched.group_ids, sched.row_tiles, lhs_t, dout_p)

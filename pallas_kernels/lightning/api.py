@@ -8,20 +8,26 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels.lightning.decode import lightning_decode_step_xla
+from pallas_kernels.lightning.decode import lightning_decode_step_pallas, lightning_decode_step_xla
+from pallas_kernels.lightning import pallas_gpu
 from pallas_kernels.lightning.pallas_gpu import lightning_attention_pallas_gpu
+from pallas_kernels.lightning.pallas_tpu import lightning_attention_pallas_tpu
 from pallas_kernels.lightning.reference import lightning_attention_reference
 from pallas_kernels.lightning.xla import lightning_attention_xla
 
 IMPLS = ("reference", "xla", "pallas_gpu", "pallas_tpu", "auto")
 
 
-def _resolve_impl(impl: str) -> str:
+def _resolve_impl(impl: str, dk: int, dv: int, chunk_size: int | None) -> str:
+    """"auto" is pallas_gpu on GPU (xla for sizes the Triton kernels refuse), pallas_tpu on TPU, xla elsewhere."""
     if impl not in IMPLS:
         raise ValueError(f"lightning_attention: unknown impl {impl!r}; expected one of {IMPLS}")
     if impl != "auto":
         return impl
-    return {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(jax.default_backend(), "xla")
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return "pallas_gpu" if pallas_gpu.supports(dk, dv, chunk_size or 64) else "xla"
+    return "pallas_tpu" if backend == "tpu" else "xla"
 
 
 def _check_shapes(q, k, v, slopes, initial_state, segment_ids) -> None:
@@ -66,7 +72,7 @@ def lightning_attention(
     that of the last segment. ``interpret`` (Pallas impls only) defaults to True on CPU.
     """
     _check_shapes(q, k, v, slopes, initial_state, segment_ids)
-    impl = _resolve_impl(impl)
+    impl = _resolve_impl(impl, q.shape[-1], v.shape[-1], chunk_size)
     if impl == "reference":
         return lightning_attention_reference(q, k, v, slopes, initial_state, segment_ids)
     if impl == "xla":
@@ -76,7 +82,8 @@ def lightning_attention(
     if impl == "pallas_gpu":
         return lightning_attention_pallas_gpu(q, k, v, slopes, initial_state, segment_ids,
                                               chunk_size=chunk_size or 64, interpret=interpret)
-    raise NotImplementedError(f"lightning_attention: impl {impl!r} is not available yet")
+    return lightning_attention_pallas_tpu(q, k, v, slopes, initial_state, segment_ids,
+                                          chunk_size=chunk_size or 128, interpret=interpret)
 
 
 def lightning_decode_step(
@@ -85,6 +92,25 @@ def lightning_decode_step(
     v: Float[Array, "batch heads dv"],
     slopes: Float[Array, " heads"],
     state: Float[Array, "batch heads dk dv"],
+    *,
+    impl: str = "auto",
+    interpret: bool | None = None,
 ) -> tuple[Float[Array, "batch heads dv"], Float[Array, "batch heads dk dv"]]:
-    """One decode token: ``state <- exp(-slope) state + k^T v``, ``out = q state``. Donate ``state`` under jit."""
-    return lightning_decode_step_xla(q, k, v, slopes, state)
+    """One decode token: ``state <- exp(-slope) state + k^T v``, ``out = q state``; out in q.dtype, state fp32.
+
+    The Pallas impls update the state in place: donate ``state`` under ``jax.jit`` to avoid a copy.
+    """
+    batch, heads, dk = q.shape if q.ndim == 3 else (None, None, None)
+    if q.ndim != 3 or k.shape != q.shape or v.shape[:2] != q.shape[:2] or v.ndim != 3:
+        raise ValueError(f"lightning_decode_step: q, k must be [batch, heads, dk] and v [batch, heads, dv]; got q "
+                         f"{q.shape}, k {k.shape}, v {v.shape}")
+    if slopes.shape != (heads,) or state.shape != (batch, heads, dk, v.shape[-1]):
+        raise ValueError(f"lightning_decode_step: expected slopes [{heads}] and state {(batch, heads, dk, v.shape[-1])}"
+                         f"; got {slopes.shape} and {state.shape}")
+    impl = _resolve_impl(impl, dk, v.shape[-1], None)
+    if impl in ("reference", "xla"):
+        return lightning_decode_step_xla(q, k, v, slopes, state)
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    return lightning_decode_step_pallas(q, k, v, slopes, state, backend=impl.removeprefix("pallas_"),
+                                        interpret=interpret)

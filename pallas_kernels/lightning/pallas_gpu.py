@@ -34,9 +34,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels.lightning import chunk
 from pallas_kernels.lightning.xla import segment_index
 
-F32 = jnp.float32
+F32 = chunk.F32
+CHUNKS_PER_BLOCK = 8   # 512 tokens between stored states at the default chunk of 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,94 +62,70 @@ def _is_pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
+def supports(dk: int, dv: int, chunk: int) -> bool:
+    """Whether the Triton kernels can take these sizes: powers of two, >= 16 (dot minimum), <= 256."""
+    return all(_is_pow2(n) and 16 <= n <= 256 for n in (dk, dv, chunk))
+
+
 def check_shapes(dk: int, dv: int, chunk: int) -> None:
-    """Refuse what the Triton compiler cannot take: power-of-two sizes, dot dimensions >= 16."""
-    for name, n in (("head_dim of q/k", dk), ("head_dim of v", dv), ("chunk_size", chunk)):
-        if not _is_pow2(n) or n < 16:
-            raise ValueError(f"lightning_attention(impl='pallas_gpu'): {name} = {n}; the Triton kernels need a power "
-                             f"of two >= 16 (use impl='xla' for other shapes)")
-    if dk > 256 or dv > 256:
-        raise ValueError(f"lightning_attention(impl='pallas_gpu'): head dims up to 256 are supported; got dk={dk}, "
-                         f"dv={dv}")
+    """Refuse what the Triton compiler cannot take (interpret mode would silently accept it)."""
+    if not supports(dk, dv, chunk):
+        raise ValueError(f"lightning_attention(impl='pallas_gpu'): head_dim of q/k = {dk}, head_dim of v = {dv} and "
+                         f"chunk_size = {chunk} must all be powers of two in [16, 256] for the Triton kernels "
+                         f"(use impl='xla' for other shapes)")
 
 
 def make_config(seq: int, dk: int, dv: int, chunk: int, segmented: bool, interpret: bool) -> Config:
     check_shapes(dk, dv, chunk)
     n_chunks = -(-seq // chunk)
-    return Config(seq=seq, chunk=chunk, chunks_per_block=max(1, min(512 // chunk, n_chunks)),
+    return Config(seq=seq, chunk=chunk, chunks_per_block=min(CHUNKS_PER_BLOCK, n_chunks),
                   block_k=min(dk, 64), block_v=min(dv, 64), scan_rows=16, segmented=segmented, interpret=interpret)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# In-kernel helpers
-
-
-def _intra_decay(s, chunk):
-    """``D_ij = lam^(i-j)`` for ``i >= j``, else 0 (the exponent is masked, never the result)."""
-    i = jnp.arange(chunk, dtype=jnp.int32)
-    diff = i[:, None] - i[None, :]
-    return jnp.where(diff >= 0, jnp.exp(-s * jnp.maximum(diff, 0).astype(F32)), 0.0)
-
-
-def _chunk_factors(s, start, cfg: Config, intra, seg_refs, sl):
-    """q-decay ``a``, k-decay ``b``, chunk decay ``gamma`` and intra mask of the chunk starting at token ``start``."""
-    i = jnp.arange(cfg.chunk, dtype=jnp.int32)
-    n_valid = jnp.clip(cfg.seq - start, 0, cfg.chunk)
-    a = jnp.exp(-s * (i + 1).astype(F32))
-    rem = n_valid - 1 - i
-    b = jnp.where(rem >= 0, jnp.exp(-s * jnp.maximum(rem, 0).astype(F32)), 0.0)
-    gamma = jnp.exp(-s * n_valid.astype(F32))
-    if seg_refs is not None:
-        seg_ref, segp_ref = seg_refs
-        seg, segp = seg_ref[sl], segp_ref[sl]
-        seg_open, seg_last = jnp.min(segp), jnp.max(seg)
-        a = jnp.where(seg == seg_open, a, 0.0)
-        b = jnp.where(seg == seg_last, b, 0.0)
-        gamma = jnp.where(seg_last == seg_open, gamma, 0.0)
-        intra = jnp.where(seg[:, None] == seg[None, :], intra, 0.0)
-    return a, b, gamma, intra
-
-
-def _block_start(cfg: Config):
-    return pl.program_id(2) * cfg.block
-
-
-def _dot(a, b):
-    return jnp.dot(a, b, preferred_element_type=F32)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Kernels. Grid (batch, heads, blocks, tile) unless stated; refs are one block of one (batch, head).
 
 
+def _chunk(r, cfg: Config):
+    return pl.ds(pl.multiple_of(r * cfg.chunk, cfg.chunk), cfg.chunk)
+
+
+def _segments(seg_refs, sl):
+    """Segment ids of one chunk as (column, row, previous-token column), or None when not packed."""
+    if seg_refs is None:
+        return None
+    seg, seg_prev = seg_refs[0][sl], seg_refs[1][sl]
+    return seg[:, None], seg[None, :], seg_prev[:, None]
+
+
+def _split(rest, cfg: Config):
+    """Kernel refs after the dense inputs: (segment refs or None, the remaining refs)."""
+    return (tuple(rest[:2]), rest[2:]) if cfg.segmented else (None, rest)
+
+
 def _local_kernel(s_ref, x_ref, y_ref, *rest, cfg: Config, backward: bool):
     """Block-local state contribution ``sum_i w_i x_i^T y_i``.
 
-    forward  (x=k, y=v):  w_i = lam^(end-1-i) for rows in the block's last segment (the state leaving the block);
-    backward (x=q, y=do): w_i = lam^(i+1) for rows in the segment open at the block start (gradient entering it).
+    forward  (x=k, y=v):  w_i = lam^(end-1-i) on rows of the block's last segment (the state leaving the block);
+    backward (x=q, y=do): w_i = lam^(i+1) on rows of the segment open at the block start (gradient entering it).
     """
-    seg_refs, (out_ref,) = (rest[:2], rest[2:]) if cfg.segmented else (None, rest)
+    seg_refs, (out_ref,) = _split(rest, cfg)
     s = s_ref[0]
-    start = _block_start(cfg)
+    start = pl.program_id(2) * cfg.block
     end = jnp.minimum(cfg.seq, start + cfg.block)
-    i = jnp.arange(cfg.chunk, dtype=jnp.int32)
     if seg_refs is not None:
-        seg_open = jnp.min(seg_refs[1][pl.ds(0, cfg.chunk)])
-        seg_last = jnp.max(seg_refs[0][pl.ds(cfg.block - cfg.chunk, cfg.chunk)])
+        seg_open = jnp.min(seg_refs[1][pl.ds(0, cfg.chunk)][:, None], axis=0, keepdims=True)
+        seg_last = jnp.max(seg_refs[0][pl.ds(cfg.block - cfg.chunk, cfg.chunk)][:, None], axis=0, keepdims=True)
 
     def body(r, acc):
-        sl = pl.ds(pl.multiple_of(r * cfg.chunk, cfg.chunk), cfg.chunk)
-        t = start + r * cfg.chunk + i
-        power = (t - start + 1) if backward else (end - 1 - t)
-        w = jnp.where(power >= 0, jnp.exp(-s * jnp.maximum(power, 0).astype(F32)), 0.0)
+        sl = _chunk(r, cfg)
+        t = start + r * cfg.chunk + chunk.rows(cfg.chunk)
+        w = chunk.decay_pow(s, t - start + 1 if backward else end - 1 - t)
         if seg_refs is not None:
-            w = jnp.where(seg_refs[0][sl] == (seg_open if backward else seg_last), w, 0.0)
-        x = x_ref[sl, :]
-        xw = (x.astype(F32) * w[:, None]).astype(x.dtype)
-        return acc + _dot(xw.T, y_ref[sl, :])
+            w = jnp.where(seg_refs[0][sl][:, None] == (seg_open if backward else seg_last), w, 0.0)
+        return acc + chunk.t_mm(chunk.scale_rows(x_ref[sl, :], w), y_ref[sl, :])
 
-    acc = jnp.zeros(out_ref.shape, F32)
-    out_ref[...] = jax.lax.fori_loop(0, cfg.chunks_per_block, body, acc)
+    out_ref[...] = jax.lax.fori_loop(0, cfg.chunks_per_block, body, jnp.zeros(out_ref.shape, F32))
 
 
 def _scan_kernel(g_ref, y_ref, init_ref, states_ref, last_ref, *, n_blocks: int, reverse: bool):
@@ -163,52 +141,47 @@ def _scan_kernel(g_ref, y_ref, init_ref, states_ref, last_ref, *, n_blocks: int,
 
 def _output_kernel(s_ref, q_ref, k_ref, v_ref, *rest, cfg: Config):
     """Forward output of one block (one v-tile) from the state entering it."""
-    seg_refs, (s_in_ref, o_ref) = (rest[:2], rest[2:]) if cfg.segmented else (None, rest)
+    seg_refs, (s_in_ref, o_ref) = _split(rest, cfg)
     s = s_ref[0]
-    start = _block_start(cfg)
-    intra0 = _intra_decay(s, cfg.chunk)
+    start = pl.program_id(2) * cfg.block
+    intra = chunk.intra_decay(s, cfg.chunk)
 
-    def body(r, state):
-        sl = pl.ds(pl.multiple_of(r * cfg.chunk, cfg.chunk), cfg.chunk)
-        a, b, gamma, intra = _chunk_factors(s, start + r * cfg.chunk, cfg, intra0, seg_refs, sl)
+    def body(r, state):  # state: [dk, BV], entering chunk r
+        sl = _chunk(r, cfg)
+        f = chunk.chunk_factors(s, start + r * cfg.chunk, cfg.seq, intra, _segments(seg_refs, sl))
         q, k, v = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]
-        scores = _dot(q, k.T) * intra
-        out = _dot(scores.astype(v.dtype), v) + a[:, None] * _dot(q, state.astype(q.dtype))
+        scores = chunk.mm_t(q, k) * f.intra
+        out = chunk.mm(scores.astype(v.dtype), v) + f.a * chunk.mm(q, state.astype(q.dtype))
         o_ref[sl, :] = out.astype(o_ref.dtype)
-        kb = (k.astype(F32) * b[:, None]).astype(k.dtype)
-        return gamma * state + _dot(kb.T, v)
+        return f.gamma * state + chunk.t_mm(chunk.scale_rows(k, f.b), v)
 
     jax.lax.fori_loop(0, cfg.chunks_per_block, body, s_in_ref[...])
 
 
 def _dqk_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, *rest, cfg: Config):
     """dq (forward sweep from the entry state) and dk (reverse sweep from the exit gradient) for one dk tile."""
-    seg_refs, (s_in_ref, g_out_ref, dq_ref, dk_ref) = (rest[:2], rest[2:]) if cfg.segmented else (None, rest)
+    seg_refs, (s_in_ref, g_out_ref, dq_ref, dk_ref) = _split(rest, cfg)
     s = s_ref[0]
-    start = _block_start(cfg)
-    intra0 = _intra_decay(s, cfg.chunk)
+    start = pl.program_id(2) * cfg.block
+    intra = chunk.intra_decay(s, cfg.chunk)
 
     def load(r):
-        sl = pl.ds(pl.multiple_of(r * cfg.chunk, cfg.chunk), cfg.chunk)
-        factors = _chunk_factors(s, start + r * cfg.chunk, cfg, intra0, seg_refs, sl)
-        return sl, factors, q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], do_ref[sl, :]
+        sl = _chunk(r, cfg)
+        f = chunk.chunk_factors(s, start + r * cfg.chunk, cfg.seq, intra, _segments(seg_refs, sl))
+        do, v = do_ref[sl, :], v_ref[sl, :]
+        return sl, f, q_ref[sl, :], k_ref[sl, :], do, chunk.mm_t(do, v) * f.intra, v
 
     def forward(r, state):  # state: [BK, dv], entering chunk r
-        sl, (a, b, gamma, intra), q, k, v, do = load(r)
-        dp = _dot(do, v.T) * intra
-        dq = _dot(dp.astype(k.dtype), k) + a[:, None] * _dot(do, state.astype(do.dtype).T)
+        sl, f, q, k, do, dp, v = load(r)
+        dq = chunk.mm(dp.astype(k.dtype), k) + f.a * chunk.mm_t(do, state.astype(do.dtype))
         dq_ref[sl, :] = dq.astype(dq_ref.dtype)
-        kb = (k.astype(F32) * b[:, None]).astype(k.dtype)
-        return gamma * state + _dot(kb.T, v)
+        return f.gamma * state + chunk.t_mm(chunk.scale_rows(k, f.b), v)
 
     def backward(j, dstate):  # dstate: [BK, dv], gradient of the state leaving chunk r
-        r = cfg.chunks_per_block - 1 - j
-        sl, (a, b, gamma, intra), q, k, v, do = load(r)
-        dp = _dot(do, v.T) * intra
-        dk = _dot(dp.T.astype(q.dtype), q) + b[:, None] * _dot(v, dstate.astype(v.dtype).T)
+        sl, f, q, k, do, dp, v = load(cfg.chunks_per_block - 1 - j)
+        dk = chunk.t_mm(dp.astype(q.dtype), q) + f.b * chunk.mm_t(v, dstate.astype(v.dtype))
         dk_ref[sl, :] = dk.astype(dk_ref.dtype)
-        qa = (q.astype(F32) * a[:, None]).astype(q.dtype)
-        return gamma * dstate + _dot(qa.T, do)
+        return f.gamma * dstate + chunk.t_mm(chunk.scale_rows(q, f.a), do)
 
     jax.lax.fori_loop(0, cfg.chunks_per_block, forward, s_in_ref[...])
     jax.lax.fori_loop(0, cfg.chunks_per_block, backward, g_out_ref[...])
@@ -216,21 +189,20 @@ def _dqk_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, *rest, cfg: Config):
 
 def _dv_kernel(s_ref, q_ref, k_ref, do_ref, *rest, cfg: Config):
     """dv for one dv tile: reverse sweep from the gradient of the state leaving the block."""
-    seg_refs, (g_out_ref, dv_ref) = (rest[:2], rest[2:]) if cfg.segmented else (None, rest)
+    seg_refs, (g_out_ref, dv_ref) = _split(rest, cfg)
     s = s_ref[0]
-    start = _block_start(cfg)
-    intra0 = _intra_decay(s, cfg.chunk)
+    start = pl.program_id(2) * cfg.block
+    intra = chunk.intra_decay(s, cfg.chunk)
 
     def backward(j, dstate):  # dstate: [dk, BV]
         r = cfg.chunks_per_block - 1 - j
-        sl = pl.ds(pl.multiple_of(r * cfg.chunk, cfg.chunk), cfg.chunk)
-        a, b, gamma, intra = _chunk_factors(s, start + r * cfg.chunk, cfg, intra0, seg_refs, sl)
+        sl = _chunk(r, cfg)
+        f = chunk.chunk_factors(s, start + r * cfg.chunk, cfg.seq, intra, _segments(seg_refs, sl))
         q, k, do = q_ref[sl, :], k_ref[sl, :], do_ref[sl, :]
-        scores = _dot(q, k.T) * intra
-        dv = _dot(scores.T.astype(do.dtype), do) + b[:, None] * _dot(k, dstate.astype(k.dtype))
+        scores = chunk.mm_t(q, k) * f.intra
+        dv = chunk.t_mm(scores.astype(do.dtype), do) + f.b * chunk.mm(k, dstate.astype(k.dtype))
         dv_ref[sl, :] = dv.astype(dv_ref.dtype)
-        qa = (q.astype(F32) * a[:, None]).astype(q.dtype)
-        return gamma * dstate + _dot(qa.T, do)
+        return f.gamma * dstate + chunk.t_mm(chunk.scale_rows(q, f.a), do)
 
     jax.lax.fori_loop(0, cfg.chunks_per_block, backward, g_out_ref[...])
 

@@ -1,0 +1,196 @@
+"""The hybrid decode cache (architecture.md §5.5): fp32 state per lightning layer, KV buffer per softmax layer.
+
+The structure is exactly what `m1jax.model.forward(cache=...)` reads and returns::
+
+    {"layers": {j: state [C, batch, heads, D, D] fp32          (config.cycle[j] == "lightning")
+                   or (k, v) [C, batch, max_len, kv_heads, D]  (softmax; model dtype)},
+     "key_valid": [batch, max_len] bool      KV slots that hold real tokens
+     "offset": int32                         first free KV slot (shared by the batch)
+     "next_position": [batch] int32}         RoPE position of each row's next token
+
+C = config.num_cycles (the layer stack is scanned over cycles). Lightning states do not grow with the sequence;
+the KV buffers are preallocated for `max_len` tokens. Snapshots (`save_cache` / `load_cache`) keep only the
+used slots, so a snapshot of a long document can be restored into a buffer of any larger size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from m1jax.config import ModelConfig
+
+SNAPSHOT_FORMAT = "m1jax-cache-v1"
+
+
+def cache_shapes(config: ModelConfig, batch: int, max_len: int) -> dict:
+    """The cache as a tree of jax.ShapeDtypeStruct (nothing allocated)."""
+    c, d = config.num_cycles, config.head_dim
+    layers = {}
+    for j, kind in enumerate(config.cycle):
+        if kind == "lightning":
+            layers[j] = jax.ShapeDtypeStruct((c, batch, config.num_heads, d, d), jnp.float32)
+        else:
+            kv = jax.ShapeDtypeStruct((c, batch, max_len, config.num_kv_heads, d), config.jnp_dtype)
+            layers[j] = (kv, kv)
+    return {
+        "layers": layers,
+        "key_valid": jax.ShapeDtypeStruct((batch, max_len), jnp.bool_),
+        "offset": jax.ShapeDtypeStruct((), jnp.int32),
+        "next_position": jax.ShapeDtypeStruct((batch,), jnp.int32),
+    }
+
+
+def cache_shardings(config: ModelConfig, mesh: Mesh, batch_axes=("data", "fsdp"), head_axes=("tensor",)) -> dict:
+    """NamedShardings laid out like the activations: batch over `batch_axes`, heads over `head_axes`.
+
+    Axis names the mesh does not have are dropped, so the same call works on any mesh of the project's axes.
+    """
+    present = lambda axes: tuple(a for a in axes if a in mesh.axis_names) or None
+    b, h = present(batch_axes), present(head_axes)
+    named = lambda *spec: NamedSharding(mesh, P(*spec))
+    layers = {}
+    for j, kind in enumerate(config.cycle):
+        if kind == "lightning":
+            layers[j] = named(None, b, h, None, None)
+        else:
+            layers[j] = (named(None, b, None, h, None),) * 2
+    return {"layers": layers, "key_valid": named(b, None), "offset": named(), "next_position": named(b)}
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, *, mesh: Mesh | None = None,
+               shardings: Any = None) -> dict:
+    """An empty cache for `batch` sequences of up to `max_len` tokens (prompt + generated).
+
+    With `mesh` (or explicit `shardings`, a tree matching `cache_shapes`), every buffer is created directly in
+    its sharding, never materialised whole on one device.
+    """
+    if batch <= 0 or max_len <= 0:
+        raise ValueError(f"init_cache: batch and max_len must be positive, got batch={batch}, max_len={max_len}")
+    shapes = cache_shapes(config, batch, max_len)
+    if shardings is None and mesh is not None:
+        shardings = cache_shardings(config, mesh)
+    zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return (jax.jit(zeros) if shardings is None else jax.jit(zeros, out_shardings=shardings))()
+
+
+def cache_bytes(config: ModelConfig, batch: int, max_len: int) -> int:
+    """Bytes of `init_cache(config, batch, max_len)`."""
+    return sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in jax.tree.leaves(cache_shapes(config, batch, max_len)))
+
+
+def cache_capacity(cache: dict) -> int:
+    """max_len: the number of KV slots of the buffers."""
+    return cache["key_valid"].shape[1]
+
+
+def resize_cache(cache: dict, max_len: int) -> dict:
+    """The same cache with KV buffers of `max_len` slots (grown with empty slots, or cut to the used ones)."""
+    used = int(cache["offset"])
+    if max_len < used:
+        raise ValueError(f"resize_cache: the cache holds {used} tokens; cannot shrink it to {max_len} slots")
+
+    def fit(x, axis):
+        n = x.shape[axis]
+        if n >= max_len:
+            return jax.lax.slice_in_dim(x, 0, max_len, axis=axis)
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, max_len - n)
+        return jnp.pad(x, pad)
+
+    layers = {j: tuple(fit(a, 2) for a in c) if isinstance(c, tuple) else c for j, c in cache["layers"].items()}
+    return {**cache, "layers": layers, "key_valid": fit(cache["key_valid"], 1)}
+
+
+# ---- snapshots --------------------------------------------------------------------------------------
+class Snapshot(NamedTuple):
+    cache: dict
+    config: ModelConfig
+    tokens: np.ndarray | None  # [batch, n] ids the cache was built from (left padding included), if saved
+    num_tokens: int  # KV slots in use (= cache["offset"])
+
+
+def save_cache(path: str | Path, cache: dict, config: ModelConfig, tokens=None) -> Path:
+    """Write the cache (used KV slots only), the model config and optionally the tokens to an .npz file."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_suffix(path.suffix + ".npz")
+    used = int(cache["offset"])
+    arrays = {"key_valid": np.asarray(cache["key_valid"][:, :used]), "offset": np.asarray(cache["offset"]),
+              "next_position": np.asarray(cache["next_position"])}
+    dtypes = {}
+    for j, c in cache["layers"].items():
+        parts = {"state": c} if not isinstance(c, tuple) else {"k": c[0][:, :, :used], "v": c[1][:, :, :used]}
+        for name, a in parts.items():
+            a = np.asarray(a)
+            dtypes[f"layers/{j}/{name}"] = str(a.dtype)
+            # npz has no bfloat16: store the raw bits and the dtype name
+            arrays[f"layers/{j}/{name}"] = a.view(np.uint16) if a.dtype.itemsize == 2 else a
+    if tokens is not None:
+        arrays["tokens"] = np.asarray(tokens, np.int32)
+    meta = {"format": SNAPSHOT_FORMAT, "config": config.to_dict(), "num_tokens": used, "dtypes": dtypes}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return path
+
+
+def load_cache(path: str | Path, *, max_len: int | None = None, config: ModelConfig | None = None,
+               mesh: Mesh | None = None) -> Snapshot:
+    """Read a snapshot written by `save_cache`, with KV buffers of `max_len` slots (default: just the used ones).
+
+    With `config`, the snapshot must have been taken with the same network (execution-only fields may differ).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"cache snapshot {path} does not exist")
+    with np.load(path) as z:
+        if "meta" not in z:
+            raise ValueError(f"{path} is not an m1jax cache snapshot (no 'meta' entry)")
+        meta = json.loads(z["meta"].tobytes())
+        if meta.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"{path}: unknown snapshot format {meta.get('format')!r}, expected {SNAPSHOT_FORMAT!r}")
+        saved_config = ModelConfig.from_dict(meta["config"])
+        if config is not None:
+            _check_same_network(path, saved_config, config)
+        used = meta["num_tokens"]
+        max_len = used if max_len is None else max_len
+        if max_len < max(used, 1):
+            raise ValueError(f"{path}: the snapshot holds {used} tokens; max_len={max_len} is too small")
+
+        def array(key):
+            a = z[key]
+            dtype = meta["dtypes"].get(key)
+            return a.view(jnp.dtype(dtype)) if dtype is not None and a.dtype == np.uint16 else a
+
+        layers = {}
+        for j, kind in enumerate(saved_config.cycle):
+            if kind == "lightning":
+                layers[j] = jnp.asarray(array(f"layers/{j}/state"))
+            else:
+                layers[j] = (jnp.asarray(array(f"layers/{j}/k")), jnp.asarray(array(f"layers/{j}/v")))
+        cache = {"layers": layers, "key_valid": jnp.asarray(z["key_valid"]),
+                 "offset": jnp.asarray(z["offset"], jnp.int32), "next_position": jnp.asarray(z["next_position"])}
+        tokens = np.asarray(z["tokens"]) if "tokens" in z else None
+    cache = resize_cache(cache, max_len)
+    if mesh is not None:
+        cache = jax.device_put(cache, cache_shardings(saved_config, mesh))
+    return Snapshot(cache, saved_config if config is None else config, tokens, used)
+
+
+EXECUTION_FIELDS = ("lightning_impl", "max_position_embeddings", "eos_token_id")
+
+
+def _check_same_network(path: Path, saved: ModelConfig, config: ModelConfig) -> None:
+    a, b = saved.to_dict(), config.to_dict()
+    diff = sorted(k for k in a if k not in EXECUTION_FIELDS and a[k] != b[k])
+    if diff:
+        raise ValueError(f"{path}: snapshot was taken with a different model config; differing fields: "
+                         + ", ".join(f"{k} ({a[k]!r} vs {b[k]!r})" for k in diff))

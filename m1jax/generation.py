@@ -1,0 +1,535 @@
+"""Generation: chunked prefill into the hybrid cache, then sampling inside one jitted `lax.while_loop`.
+
+Pure jitted pieces: `prefill_step` (one chunk of prompt tokens into the cache), `decode_step` (one token per
+row), `decode` (the whole sampling loop: sample -> stop/budget/thinking bookkeeping -> one-token forward, until
+every row is done or a step limit). `Generation` drives them from the host: it left-pads the prompts, prefills
+chunk by chunk, and runs `decode` either to the end (one dispatch) or in segments of a few tokens so a caller
+can stream text and apply stop strings between segments. `generate` is the one-call API.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from m1jax.cache import cache_capacity, init_cache, resize_cache
+from m1jax.model import M1Model, forward
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+# ---- sampling ------------------------------------------------------------------------------------------
+class Sampling(NamedTuple):
+    """Per-row sampling parameters."""
+
+    temperature: Float[Array, " batch"]  # <= 0: greedy
+    top_k: Int[Array, " batch"]  # <= 0: no top-k
+    top_p: Float[Array, " batch"]  # >= 1: no nucleus
+    keys: Array  # [batch] PRNG keys, one per row (folded with the step number)
+
+
+def sampling_mode(temperature, top_k, top_p) -> str:
+    """The cheapest sampler that serves every row: "greedy", "sample" (no filtering) or "filtered" (top-k/p)."""
+    t, k, p = (np.asarray(a) for a in (temperature, top_k, top_p))
+    if not np.any(t > 0):
+        return "greedy"
+    return "filtered" if np.any((k > 0) & (t > 0)) or np.any((p < 1) & (t > 0)) else "sample"
+
+
+def sample(logits: Float[Array, "batch vocab"], s: Sampling, step, mode: str) -> Int[Array, " batch"]:
+    """Next tokens: argmax for rows with temperature 0, else a draw from softmax(logits / T) after top-k
+    (the k most likely) then top-p (the smallest set of the top-k distribution whose mass reaches p)."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if mode == "greedy":
+        return greedy
+    keys = jax.vmap(jax.random.fold_in, (0, None))(s.keys, step)
+    hot = s.temperature > 0
+    scaled = logits / jnp.where(hot, s.temperature, 1.0)[:, None]
+    if mode == "sample":
+        drawn = jax.vmap(jax.random.categorical)(keys, scaled)
+    else:
+        order = jnp.argsort(-scaled, axis=-1, stable=True)
+        ranked = jnp.take_along_axis(scaled, order, axis=-1)
+        rank = jnp.arange(ranked.shape[-1])[None, :]
+        k = jnp.where(s.top_k > 0, s.top_k, ranked.shape[-1])[:, None]
+        ranked = jnp.where(rank < k, ranked, -jnp.inf)
+        probs = jax.nn.softmax(ranked, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep = (mass_before < s.top_p[:, None]) | (rank == 0)
+        r = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, ranked, -jnp.inf))
+        drawn = jnp.take_along_axis(order, r[:, None], axis=-1)[:, 0]
+    return jnp.where(hot, drawn.astype(jnp.int32), greedy)
+
+
+def row_keys(seeds: Sequence[int]) -> Array:
+    return jax.vmap(jax.random.key)(jnp.asarray(np.asarray(seeds).astype(np.uint32)))
+
+
+# ---- the jitted steps ----------------------------------------------------------------------------------
+def _row_counts(router: dict) -> tuple[Array, Array]:
+    """forward's per-row routing counts [layers, batch, E] -> int32 [batch, layers, E] (selected, skipped)."""
+    f = lambda a: jnp.swapaxes(a, 0, 1).astype(jnp.int32)
+    return f(router["row_selected"]), f(router["row_skipped"])
+
+
+@functools.partial(jax.jit, static_argnames=("dispatch",), donate_argnames=("cache",))
+def prefill_step(model: M1Model, cache: dict, tokens: Int[Array, "batch chunk"], mask: Bool[Array, "batch chunk"],
+                 expert_threshold: Float[Array, " batch"], dispatch: str = "ragged"):
+    """Append one chunk to the cache. Returns (logits of the chunk's last token [batch, vocab], cache,
+    routing counts [batch, layers, E], skipped counts [batch, layers, E])."""
+    out = forward(model, tokens, attention_mask=mask, cache=cache, expert_threshold=expert_threshold,
+                  dispatch=dispatch, last_only=True)
+    return (out.logits[:, -1], out.cache) + _row_counts(out.router)
+
+
+@functools.partial(jax.jit, static_argnames=("dispatch",), donate_argnames=("cache",))
+def decode_step(model: M1Model, cache: dict, tokens: Int[Array, " batch"], dispatch: str = "ragged"):
+    """One token per row through the model: (next-token logits [batch, vocab] fp32, cache)."""
+    out = forward(model, tokens[:, None], cache=cache, dispatch=dispatch)
+    return out.logits[:, 0], out.cache
+
+
+class DecodeParams(NamedTuple):
+    """Everything the loop reads but does not change."""
+
+    sampling: Sampling
+    budget: Int[Array, " batch"]  # max new tokens per row
+    think_budget: Int[Array, " batch"]  # max tokens inside <think>...</think>; < 0: no cap
+    think_ids: Int[Array, "2"]  # (<think>, </think>) ids, -1 if unknown
+    stop_ids: Int[Array, " stops"]  # padded with -1
+    vocab_limit: Int[Array, ""]  # ids >= this are never sampled (tokenizer smaller than the embedding)
+    expert_threshold: Float[Array, " batch"]
+    pad_id: Int[Array, ""]
+
+
+class DecodeState(NamedTuple):
+    cache: dict
+    logits: Float[Array, "batch vocab"]  # logits for the next token
+    tokens: Int[Array, "batch steps"]  # generated tokens (pad_id after a row is done)
+    logprobs: Float[Array, "batch steps"]  # log p(token) under the model (temperature 1, unfiltered)
+    step: Int[Array, ""]  # tokens sampled so far
+    done: Bool[Array, " batch"]
+    length: Int[Array, " batch"]  # tokens generated per row
+    in_think: Bool[Array, " batch"]
+    think_count: Int[Array, " batch"]  # tokens generated inside the open <think> block
+    routing: Int[Array, "batch layers experts"]  # expert selections of the generated tokens
+    skipped: Int[Array, "batch layers experts"]
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "dispatch"), donate_argnames=("state",))
+def decode(model: M1Model, state: DecodeState, params: DecodeParams, until: Int[Array, ""], mode: str,
+           dispatch: str = "ragged") -> DecodeState:
+    """Sample until step `until` or every row is done, all inside one `lax.while_loop`.
+
+    Each iteration samples one token per running row, applies the thinking budget (a row whose open <think>
+    block holds `think_budget` tokens is given </think>), marks rows that emitted a stop id or used their budget
+    as done, and feeds the tokens through the model (done rows are masked out) to get the next logits.
+    """
+    close_id = params.think_ids[1]
+    vocab_ok = jnp.arange(state.logits.shape[-1]) < params.vocab_limit
+
+    def cond(s: DecodeState):
+        return (s.step < until) & ~jnp.all(s.done)
+
+    def body(s: DecodeState) -> DecodeState:
+        active = ~s.done
+        tok = sample(jnp.where(vocab_ok, s.logits, -jnp.inf), params.sampling, s.step, mode)
+        forced = s.in_think & (params.think_budget >= 0) & (s.think_count >= params.think_budget)
+        tok = jnp.where(forced, close_id, tok)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(s.logits, axis=-1), tok[:, None], axis=-1)[:, 0]
+        length = s.length + active
+        stopped = jnp.any(tok[:, None] == params.stop_ids[None, :], axis=-1)
+        opened, closed = tok == params.think_ids[0], tok == close_id
+        in_think = jnp.where(active, (s.in_think | opened) & ~closed, s.in_think)
+        think_count = jnp.where(active & ~opened & ~closed & s.in_think, s.think_count + 1,
+                                jnp.where(active & opened, 0, s.think_count))
+        out = forward(model, tok[:, None], attention_mask=active[:, None], cache=s.cache,
+                      expert_threshold=params.expert_threshold, dispatch=dispatch)
+        selected, skipped = _row_counts(out.router)
+        return DecodeState(
+            cache=out.cache,
+            logits=out.logits[:, 0],
+            tokens=s.tokens.at[:, s.step].set(jnp.where(active, tok, params.pad_id)),
+            logprobs=s.logprobs.at[:, s.step].set(jnp.where(active, logp, 0.0)),
+            step=s.step + 1,
+            done=s.done | (active & (stopped | (length >= params.budget))),
+            length=length,
+            in_think=in_think,
+            think_count=think_count,
+            routing=s.routing + selected,
+            skipped=s.skipped + skipped,
+        )
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+# ---- host driver ---------------------------------------------------------------------------------------
+class Routing(NamedTuple):
+    """Expert selections per row, layer and expert (counts of tokens; top-k selections each)."""
+
+    prompt: np.ndarray  # [batch, layers, E] over the prompt tokens
+    generated: np.ndarray  # [batch, layers, E] over the generated tokens
+    skipped: np.ndarray  # [batch, layers, E] selections dropped by expert_threshold (prompt + generated)
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    sequences: np.ndarray  # [batch, prompt + new] the (left-padded) prompt then the new tokens, pad after the end
+    logprobs: np.ndarray  # [batch, new] log-probability of each generated token under the model (fp32 head)
+    lengths: np.ndarray  # [batch] generated tokens per row (stop token included)
+    prompt_lengths: np.ndarray  # [batch] real (unpadded) prompt tokens
+    finish_reasons: list[str]  # "stop" (stop token or string) or "length"
+    routing: Routing
+    text: list[str] | None  # the generated text (stop token and stop string excluded) when a tokenizer is known
+    cache: dict  # the cache after the last step (exact for rows that ran until the last step)
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        width = self.sequences.shape[1] - self.logprobs.shape[1]
+        return [row[width:width + n].tolist() for row, n in zip(self.sequences, self.lengths)]
+
+
+@dataclasses.dataclass
+class Delta:
+    """What one row produced in one segment."""
+
+    tokens: list[int]
+    text: str  # "" without a tokenizer
+    finish_reason: str | None  # set once the row is finished
+
+
+class _RowText:
+    """Incremental text of one row, holding back text that may be the start of a stop string."""
+
+    def __init__(self, tokenizer, stops: Sequence[str]):
+        self.tokenizer, self.stops = tokenizer, [s for s in stops if s]
+        self.decoder = tokenizer.stream_decoder()
+        self.text, self.sent = "", 0
+
+    def push(self, ids: list[int], final: bool) -> tuple[str, int | None]:
+        """(new text to emit, index in `ids` of the token completing a stop string or None)."""
+        before = len(self.text)
+        self.text += self.decoder.push(ids)
+        if final:
+            self.text += self.decoder.flush()
+        hits = [(i, s) for s in self.stops if (i := self.text.find(s, max(0, before - len(s) + 1))) >= 0]
+        if hits:
+            end, stop = min(hits)
+            cut = self._tokens_until(ids, before, end + len(stop))
+            delta, self.text = self.text[self.sent:end], self.text[:end]
+            self.sent = end
+            return delta, cut
+        hold = 0 if final else max((n for s in self.stops for n in range(1, len(s))
+                                    if self.text.endswith(s[:n])), default=0)
+        delta = self.text[self.sent:len(self.text) - hold]
+        self.sent += len(delta)
+        return delta, None
+
+    def _tokens_until(self, ids: list[int], before: int, chars: int) -> int:
+        """Index of the first of `ids` whose text reaches `chars` characters of the row's text."""
+        head = self.text[:before]
+        for n in range(1, len(ids) + 1):
+            if len(head) + len(self.tokenizer.decode_continuation(ids[:n]) if head else
+                               self.tokenizer.decode(ids[:n])) >= chars:
+                return n - 1
+        return len(ids) - 1
+
+
+class Generation:
+    """A batch being generated: prefilled on construction, then advanced with `step()` / iterated with `stream()`.
+
+    prompts: lists of ids (left-padded here) or an int array [batch, len] with an optional left-padding
+    `attention_mask`. Per-row settings (`max_new_tokens`, `temperature`, `top_k`, `top_p`, `seed`,
+    `thinking_budget`, `expert_threshold`) take a scalar or one value per row; row i samples with seed
+    `seed + i` when `seed` is a scalar, so a row gives the same tokens whatever batch it runs in.
+    `min_batch`, `min_prompt_len`, `min_new_tokens` pad the shapes up to buckets, so that servers reuse compiles.
+    """
+
+    def __init__(self, model: M1Model, prompts, *, attention_mask=None, max_new_tokens=64, temperature=0.0,
+                 top_k=0, top_p=1.0, seed=0, stop_token_ids: Sequence[int] | None = None,
+                 stop_strings: Sequence[str] | Sequence[Sequence[str]] = (), thinking_budget=None, think_ids: tuple[int, int] | None = None,
+                 expert_threshold=None, tokenizer=None, cache: dict | None = None, prefill_chunk: int = 2048,
+                 min_batch: int = 1, min_prompt_len: int = 1, min_new_tokens: int = 1, dispatch: str = "ragged"):
+        cfg = model.config
+        self.model, self.tokenizer, self.dispatch = model, tokenizer, dispatch
+        tokens, mask = _left_padded(prompts, attention_mask, cfg.vocab_size)
+        rows = tokens.shape[0]
+        self.rows = rows
+        per_row = lambda v, name, dtype: _per_row(v, rows, name, dtype)
+        budget = per_row(max_new_tokens, "max_new_tokens", np.int32)
+        if np.any(budget < 0):
+            raise ValueError(f"max_new_tokens must be >= 0, got {budget.tolist()}")
+        temperature, top_k = per_row(temperature, "temperature", np.float32), per_row(top_k, "top_k", np.int32)
+        top_p = per_row(top_p, "top_p", np.float32)
+        if np.any(temperature < 0) or np.any(top_p <= 0) or np.any(top_p > 1) or np.any(top_k < 0):
+            raise ValueError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got "
+                             f"temperature={temperature.tolist()}, top_p={top_p.tolist()}, top_k={top_k.tolist()}")
+        seeds = per_row(seed, "seed", np.int64)
+        if np.ndim(seed) == 0:
+            seeds = seeds + np.arange(rows)
+        think = per_row(-1 if thinking_budget is None else thinking_budget, "thinking_budget", np.int32)
+        if thinking_budget is not None:
+            if think_ids is None and tokenizer is not None:
+                think_ids = (tokenizer.token_to_id(THINK_OPEN), tokenizer.token_to_id(THINK_CLOSE))
+            if think_ids is None or None in think_ids:
+                raise ValueError("thinking_budget needs <think> and </think> to be single tokens: pass a tokenizer "
+                                 "that has them or think_ids=(open_id, close_id)")
+        think_ids = (-1, -1) if think_ids is None else tuple(int(i) for i in think_ids)
+        threshold = per_row(0.0 if expert_threshold is None else expert_threshold, "expert_threshold", np.float32)
+        if np.any(threshold < 0) or np.any(threshold > 1):
+            raise ValueError(f"expert_threshold must be in [0, 1], got {threshold.tolist()}")
+        if stop_token_ids is None:
+            stop_token_ids = _default_stop_ids(cfg, tokenizer)
+        self.stop_token_ids = tuple(int(i) for i in stop_token_ids)
+        if all(isinstance(x, str) for x in stop_strings):
+            stop_strings = [stop_strings] * rows
+        if len(stop_strings) != rows:
+            raise ValueError(f"stop_strings: one list for all prompts or one per prompt ({rows}), got {len(stop_strings)}")
+        if any(stop_strings) and tokenizer is None:
+            raise ValueError("stop strings need a tokenizer to decode the output")
+        self.pad_id = self.stop_token_ids[0] if self.stop_token_ids else 0
+
+        # pad to buckets: more rows (done from the start), more left padding, a longer step buffer
+        batch = max(rows, min_batch)
+        width = max(tokens.shape[1], min_prompt_len)
+        tokens = np.pad(tokens, ((0, batch - rows), (width - tokens.shape[1], 0)), constant_values=self.pad_id)
+        mask = np.pad(mask, ((0, batch - rows), (width - mask.shape[1], 0)))
+        pad_rows = lambda a, v=0: np.concatenate([a, np.full(batch - rows, v, a.dtype)])
+        budget, temperature, top_k = pad_rows(budget), pad_rows(temperature), pad_rows(top_k)
+        top_p, think, threshold = pad_rows(top_p, 1.0), pad_rows(think, -1), pad_rows(threshold)
+        seeds = pad_rows(seeds)
+        self.steps = max(int(budget.max(initial=0)), min_new_tokens, 1)
+        self.prompt_tokens, self.prompt_mask = tokens, mask
+        self.prompt_lengths = mask.sum(1)[:rows]
+        empty = np.flatnonzero(self.prompt_lengths == 0)
+        if len(empty):
+            raise ValueError(f"prompt {int(empty[0])} is empty: generation needs at least one input token")
+
+        # prefill
+        if cache is None:
+            cache = init_cache(cfg, batch, width + self.steps)
+        else:
+            if cache["key_valid"].shape[0] != batch:
+                raise ValueError(f"the cache holds {cache['key_valid'].shape[0]} sequences; the input has {batch}")
+            if int(cache["offset"]) and not mask.all():
+                raise ValueError("continuing a non-empty cache needs inputs of equal length without padding "
+                                 "(padding would decay the carried lightning state)")
+            need = int(cache["offset"]) + width + self.steps
+            if cache_capacity(cache) < need:
+                cache = resize_cache(cache, need)
+        logits, cache, prompt_routing, skipped = self._prefill(cache, tokens, mask, threshold, prefill_chunk)
+        self.prompt_routing = prompt_routing
+
+        in_think = np.zeros(batch, bool)
+        if think_ids[0] >= 0:  # a prompt that ends inside an open <think> block
+            for i, row in enumerate(tokens):
+                opens, closes = np.flatnonzero(row == think_ids[0]), np.flatnonzero(row == think_ids[1])
+                in_think[i] = len(opens) > 0 and (len(closes) == 0 or opens[-1] > closes[-1])
+        layers_experts = prompt_routing.shape[1:]
+        self.state = DecodeState(
+            cache=cache, logits=logits,
+            tokens=jnp.full((batch, self.steps), self.pad_id, jnp.int32),
+            logprobs=jnp.zeros((batch, self.steps), jnp.float32),
+            step=jnp.int32(0), done=jnp.asarray(budget <= 0), length=jnp.zeros(batch, jnp.int32),
+            in_think=jnp.asarray(in_think), think_count=jnp.zeros(batch, jnp.int32),
+            routing=jnp.zeros((batch,) + layers_experts, jnp.int32), skipped=skipped)
+        vocab_limit = cfg.vocab_size if tokenizer is None else min(cfg.vocab_size, tokenizer.vocab_size)
+        self.params = DecodeParams(
+            sampling=Sampling(jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p), row_keys(seeds)),
+            budget=jnp.asarray(budget), think_budget=jnp.asarray(think), think_ids=jnp.asarray(think_ids, jnp.int32),
+            stop_ids=jnp.asarray(self.stop_token_ids or (-1,), jnp.int32), vocab_limit=jnp.int32(vocab_limit),
+            expert_threshold=jnp.asarray(threshold), pad_id=jnp.int32(self.pad_id))
+        self.mode = sampling_mode(temperature, top_k, top_p)
+        self._texts = None if tokenizer is None else [_RowText(tokenizer, stops) for stops in stop_strings]
+        self._emitted = np.zeros(rows, np.int64)  # tokens handed out per row
+        self._cut = np.full(rows, -1, np.int64)  # generated length after a stop string, -1 if none
+        self._finished = np.asarray(budget[:rows] <= 0)
+        self._reasons: list[str | None] = ["length" if f else None for f in self._finished]
+
+    def _prefill(self, cache, tokens, mask, threshold, chunk):
+        """Chunk by chunk, the first chunk taking the remainder (it holds the left padding, where a zero state
+        stays zero); every chunk is one `prefill_step` call."""
+        if chunk <= 0:
+            raise ValueError(f"prefill_chunk must be positive, got {chunk}")
+        width = tokens.shape[1]
+        first = width - (-(-width // chunk) - 1) * chunk
+        bounds = [0] + list(range(first, width + 1, chunk))
+        threshold = jnp.asarray(threshold)
+        routing = skipped = 0
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            logits, cache, r, s = prefill_step(self.model, cache, jnp.asarray(tokens[:, a:b]),
+                                               jnp.asarray(mask[:, a:b]), threshold, dispatch=self.dispatch)
+            routing, skipped = routing + r, skipped + s
+        return logits, cache, routing, skipped
+
+    @property
+    def done(self) -> bool:
+        return bool(self._finished.all())
+
+    def step(self, max_tokens: int | None = None) -> list[Delta]:
+        """Run the loop for up to `max_tokens` more tokens (default: to the end); the new output of every row."""
+        if self.done:
+            return [Delta([], "", None) for _ in range(self.rows)]
+        start = int(self.state.step)
+        until = self.steps if max_tokens is None else min(self.steps, start + max_tokens)
+        self.state = decode(self.model, self.state, self.params, jnp.int32(until), self.mode, self.dispatch)
+        tokens, lengths, done = jax.device_get((self.state.tokens, self.state.length, self.state.done))
+        deltas = []
+        for i in range(self.rows):
+            if self._finished[i]:
+                deltas.append(Delta([], "", None))
+                continue
+            prev = int(self._emitted[i])
+            new = tokens[i, prev:lengths[i]].tolist()
+            self._emitted[i] = lengths[i]
+            finished = bool(done[i])
+            reason = None if not finished else "stop" if new and new[-1] in self.stop_token_ids else "length"
+            text = ""
+            if self._texts is not None:
+                visible = new[:-1] if reason == "stop" else new
+                text, cut = self._texts[i].push(visible, final=finished)
+                if cut is not None:
+                    new = new[:cut + 1]
+                    self._cut[i] = prev + cut + 1
+                    finished, reason = True, "stop"
+            if finished:
+                self._finished[i], self._reasons[i] = True, reason
+            deltas.append(Delta(new, text, reason))
+        if np.any(self._finished & ~done[:self.rows]):  # stopped by a stop string: stop on the device too
+            self.cancel([])
+        return deltas
+
+    def cancel(self, rows: Sequence[int]) -> None:
+        """Finish these rows now (finish reason "cancelled"); the others go on."""
+        for i in rows:
+            if not self._finished[i]:
+                self._finished[i], self._reasons[i] = True, "cancelled"
+        self.state = self.state._replace(done=self.state.done.at[:self.rows].set(
+            self.state.done[:self.rows] | jnp.asarray(self._finished)))
+
+    def stream(self, segment: int = 8) -> Iterator[list[Delta]]:
+        """Yield every row's new output after each segment of `segment` tokens, until all rows are done."""
+        while not self.done:
+            yield self.step(segment)
+
+    def result(self) -> GenerationOutput:
+        """Run to the end (if not done) and collect the output."""
+        while not self.done:
+            self.step()
+        s = jax.device_get(self.state._replace(cache=None, logits=None))
+        rows, n = self.rows, int(s.step)
+        lengths = np.where(self._cut >= 0, self._cut, s.length[:rows])
+        tokens = s.tokens[:rows, :n].copy()
+        logprobs = s.logprobs[:rows, :n].copy()
+        for i, k in enumerate(lengths):
+            tokens[i, k:], logprobs[i, k:] = self.pad_id, 0.0
+        return GenerationOutput(
+            sequences=np.concatenate([self.prompt_tokens[:rows], tokens], axis=1),
+            logprobs=logprobs, lengths=lengths.astype(np.int64), prompt_lengths=self.prompt_lengths,
+            finish_reasons=list(self._reasons),
+            routing=Routing(np.asarray(self.prompt_routing)[:rows], s.routing[:rows], s.skipped[:rows]),
+            text=None if self._texts is None else [t.text for t in self._texts], cache=self.state.cache)
+
+
+def generate(model: M1Model, inputs, *, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, seed=0,
+             stop=None, thinking_budget=None, tokenizer=None, expert_threshold=None, attention_mask=None,
+             cache: dict | None = None, prefill_chunk: int = 2048, chat: bool = False,
+             dispatch: str = "ragged") -> GenerationOutput:
+    """Generate continuations of a batch of prompts; see `Generation` for the per-row settings.
+
+    inputs: a string or list of strings (needs `tokenizer`; with `chat=True` each string is a user message
+    rendered with M1's chat template), a list of ids, a list of id lists, or an int array [batch, len]
+    (left-padded, with `attention_mask`). `stop`: stop strings and/or stop token ids (default stop ids: the
+    tokenizer's, else config.eos_token_id). `cache`: continue after the tokens already in this cache.
+    """
+    prompts = encode_prompts(inputs, tokenizer, chat)
+    stop = [] if stop is None else [stop] if isinstance(stop, (str, int)) else list(stop)
+    stop_ids = [s for s in stop if isinstance(s, (int, np.integer))]
+    stop_strings = [s for s in stop if isinstance(s, str)]
+    if len(stop_ids) + len(stop_strings) != len(stop):
+        raise ValueError(f"stop must hold strings and/or token ids, got {stop!r}")
+    defaults = _default_stop_ids(model.config, tokenizer)
+    run = Generation(model, prompts, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                     stop_token_ids=tuple(defaults) + tuple(stop_ids), stop_strings=stop_strings,
+                     thinking_budget=thinking_budget, expert_threshold=expert_threshold, tokenizer=tokenizer,
+                     cache=cache, prefill_chunk=prefill_chunk, dispatch=dispatch)
+    if stop_strings:  # check stop strings every few tokens so rows can finish early
+        for _ in run.stream(32):
+            pass
+    return run.result()
+
+
+def encode_prompts(inputs, tokenizer=None, chat: bool = False):
+    """Strings -> id lists (through the tokenizer, optionally as chat user turns); ids pass through."""
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(x, str) for x in inputs):
+        if tokenizer is None:
+            raise ValueError("text prompts need a tokenizer (pass tokenizer=..., or token ids)")
+        if chat:
+            from m1jax.chat_template import render_chat
+            inputs = [render_chat([{"role": "user", "content": x}]) for x in inputs]
+        return [tokenizer.encode(x) for x in inputs]
+    if chat:
+        raise ValueError("chat=True needs text prompts")
+    return inputs
+
+
+def _default_stop_ids(config, tokenizer) -> tuple[int, ...]:
+    if tokenizer is not None:
+        return tuple(tokenizer.stop_token_ids)
+    return () if config.eos_token_id is None else (config.eos_token_id,)
+
+
+def _per_row(value, rows: int, name: str, dtype) -> np.ndarray:
+    a = np.asarray(value, dtype=np.float64 if np.dtype(dtype).kind == "f" else None)
+    if a.ndim == 0:
+        a = np.full(rows, a)
+    if a.shape != (rows,):
+        raise ValueError(f"{name} must be a scalar or one value per prompt ({rows}), got shape {a.shape}")
+    if np.dtype(dtype).kind == "i" and a.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be integers, got {value!r}")
+    return a.astype(dtype)
+
+
+def _left_padded(prompts, attention_mask, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [batch, len] int32, mask [batch, len] bool) with every row's tokens at the right end."""
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+        ids = np.asarray(prompts)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.dtype.kind not in "iu":
+            raise ValueError(f"input ids must be an int array [batch, len], got {ids.dtype} {ids.shape}")
+        mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} differs from the input ids {ids.shape}")
+        if np.any(mask[:, :-1] & ~mask[:, 1:]):
+            raise ValueError("attention_mask must be left padding (no real token followed by a pad)")
+        rows = [row[m].tolist() for row, m in zip(ids, mask)]
+    else:
+        if attention_mask is not None:
+            raise ValueError("attention_mask goes with an id array; lists of ids are padded here")
+        rows = list(prompts)
+        if rows and all(isinstance(x, (int, np.integer)) for x in rows):
+            rows = [rows]
+        if not rows or not all(isinstance(r, (list, tuple, np.ndarray)) for r in rows):
+            raise ValueError("inputs must be a string, a list of strings, a list of ids or a list of id lists")
+    width = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), width), np.int32)
+    mask = np.zeros((len(rows), width), bool)
+    for i, r in enumerate(rows):
+        r = np.asarray(r, np.int64).reshape(-1)
+        if r.size and (r.min() < 0 or r.max() >= vocab_size):
+            raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size}): "
+                             f"{sorted(set(r[(r < 0) | (r >= vocab_size)].tolist()))[:5]}")
+        if r.size:
+            ids[i, width - r.size:], mask[i, width - r.size:] = r, True
+    return ids, mask

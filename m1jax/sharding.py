@@ -1,0 +1,264 @@
+"""The device mesh and the logical-axis rules: the one place that says where every tensor lives.
+
+Every parameter and activation dimension carries a logical name ("experts", "embed", "batch", ...);
+`RULES` maps each name to the mesh axes it is split over. Layers never name a mesh axis.
+
+The mesh axes are ("data", "fsdp", "expert", "tensor"), tensor innermost (neighbouring devices), all of type
+`AxisType.Auto`: parameters are placed by `param_shardings`, a few activations are pinned with
+`constrain`, and XLA propagates the rest. (Explicit axes would make every op in every layer state its
+output sharding; only the expert-parallel MoE needs manual control, and it takes it with `jax.shard_map`.)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
+
+from m1jax.config import ModelConfig
+
+AXES = ("data", "fsdp", "expert", "tensor")
+
+RULES: dict[str, tuple[str, ...]] = {
+    # parameters
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "experts": ("expert",),
+    "mlp": ("tensor",),  # the expert width
+    "layers": (),
+    "norm": (),
+    "router_experts": (),
+    # activations; the expert axis splits the batch outside the MoE layers (data parallelism there)
+    "batch": ("data", "fsdp", "expert"),
+    "tokens": ("data", "fsdp", "expert"),  # the flattened batch*length tokens inside the MoE
+    "length": (),
+    "act_embed": (),
+}
+
+# Logical names of every parameter, by its leaf name (an RMSNorm's `weight` by the norm's name).
+# Leaves under `cycles` carry a leading "layers" axis on top of these.
+PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "embed_tokens": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "weight": ("norm",),
+    "qkv_proj": ("embed", "heads"),
+    "output_gate": ("embed", "heads"),
+    "out_proj": ("heads", "embed"),
+    "norm": ("heads",),  # the lightning output norm over all heads
+    "q_proj": ("embed", "heads"),
+    "k_proj": ("embed", "kv_heads"),
+    "v_proj": ("embed", "kv_heads"),
+    "o_proj": ("heads", "embed"),
+    "router": ("embed", "router_experts"),
+    "w1": ("experts", "embed", "mlp"),
+    "w3": ("experts", "embed", "mlp"),
+    "w2": ("experts", "mlp", "embed"),
+}
+
+ACTIVATION = ("batch", "length", "act_embed")  # the residual stream [batch, seq, d]
+
+
+class ShardingError(ValueError):
+    """A mesh that cannot hold the model or batch as asked."""
+
+
+# ---- the mesh ------------------------------------------------------------------------------------
+def mesh_shape(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *, devices: int) -> dict[str, int]:
+    """Axis sizes with one -1 filled so that their product is `devices`; ShardingError if it cannot be."""
+    sizes = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
+    bad = {a: s for a, s in sizes.items() if not isinstance(s, int) or (s < 1 and s != -1)}
+    if bad:
+        raise ShardingError(f"mesh axis sizes must be positive ints (or one -1), got {bad}")
+    fill = [a for a, s in sizes.items() if s == -1]
+    if len(fill) > 1:
+        raise ShardingError(f"only one mesh axis may be -1, got {fill}")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if fill:
+        if devices % known:
+            raise ShardingError(f"cannot fill mesh axis {fill[0]!r}: {devices} devices are not a multiple of "
+                                f"the other axes' product {known}")
+        sizes[fill[0]] = devices // known
+    elif known != devices:
+        raise ShardingError(f"mesh {_fmt(sizes)} has {known} devices but {devices} are available "
+                            f"(the product must match; use -1 for one axis to fill it)")
+    return sizes
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ("data", "fsdp", "expert", "tensor") mesh over `devices` (default: all); one size may be -1."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_shape(data, fsdp, expert, tensor, devices=len(devices))
+    return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES),
+                         devices=devices)
+
+
+def abstract_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *,
+                  devices: int | None = None) -> AbstractMesh:
+    """The same mesh without devices (any size): for planning and tracing only."""
+    sizes = mesh_shape(data, fsdp, expert, tensor,
+                       devices=devices if devices is not None else math.prod(max(s, 1) for s in
+                                                                             (data, fsdp, expert, tensor)))
+    return AbstractMesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def _fmt(sizes: Mapping[str, int]) -> str:
+    return " ".join(f"{a}={s}" for a, s in sizes.items())
+
+
+# ---- logical names -> mesh axes ------------------------------------------------------------------
+def mesh_axes(name: str | None, mesh_sizes: Mapping[str, int]) -> tuple[str, ...]:
+    """The mesh axes (present in the mesh) that logical axis `name` is split over."""
+    if name is None:
+        return ()
+    if name not in RULES:
+        raise ShardingError(f"no sharding rule for logical axis {name!r}; known: {sorted(RULES)}")
+    return tuple(a for a in RULES[name] if a in mesh_sizes)
+
+
+def logical_spec(names: Sequence[str | None], mesh_sizes: Mapping[str, int]) -> PartitionSpec:
+    return PartitionSpec(*(mesh_axes(n, mesh_sizes) or None for n in names))
+
+
+def check_divisible(what: str, shape: Sequence[int], names: Sequence[str | None],
+                    mesh_sizes: Mapping[str, int]) -> None:
+    """ShardingError naming the numbers unless every dimension divides the mesh axes it is split over."""
+    for dim, name in zip(shape, names):
+        axes = mesh_axes(name, mesh_sizes)
+        parts = math.prod(mesh_sizes[a] for a in axes)
+        if dim % parts:
+            split = " * ".join(f"{a}={mesh_sizes[a]}" for a in axes)
+            raise ShardingError(f"{what}: dimension {name!r} of size {dim} does not divide over mesh axes "
+                                f"{split} = {parts}")
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Pin an activation to its logical sharding on the context mesh (`jax.set_mesh`); no-op without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or mesh.are_all_axes_manual:
+        return x
+    check_divisible(f"activation {tuple(names)} of shape {x.shape}", x.shape, names, mesh.shape)
+    return jax.lax.with_sharding_constraint(x, logical_spec(names, mesh.shape))
+
+
+# ---- parameters ----------------------------------------------------------------------------------
+def param_logical_axes(config: ModelConfig) -> dict:
+    """The PARAMS.md tree with each leaf's tuple of logical axis names."""
+    def names(path, leaf):
+        keys = [getattr(k, "key", k) for k in path]
+        key = keys[-1]
+        if key not in PARAM_AXES:
+            raise ShardingError(f"parameter {'/'.join(map(str, keys))} has no entry in m1jax.sharding.PARAM_AXES")
+        axes = (("layers",) if keys[0] == "cycles" else ()) + PARAM_AXES[key]
+        if len(axes) != len(leaf.shape):
+            raise ShardingError(f"parameter {'/'.join(map(str, keys))} has shape {leaf.shape} but logical axes "
+                                f"{axes}")
+        return axes
+
+    return jax.tree_util.tree_map_with_path(names, _abstract_params(config))
+
+
+def validate(config: ModelConfig, mesh_sizes: Mapping[str, int], batch: int | None = None) -> None:
+    """Check, before anything compiles, that the model (and a batch size) can be split as the rules say."""
+    sizes = {a: mesh_sizes.get(a, 1) for a in AXES}
+    need = [("num_heads", config.num_heads, "heads"), ("num_kv_heads", config.num_kv_heads, "kv_heads"),
+            ("num_experts", config.num_experts, "experts"), ("intermediate_size", config.intermediate_size, "mlp"),
+            ("hidden_size", config.hidden_size, "embed"), ("vocab_size", config.vocab_size, "vocab")]
+    if batch is not None:
+        need.append(("batch", batch, "batch"))
+    for field, value, name in need:
+        check_divisible(f"{field}={value}", (value,), (name,), sizes)
+    abstract = _abstract_params(config)
+    jax.tree.map(lambda a, names: check_divisible(f"parameter of shape {a.shape}", a.shape, names, sizes),
+                 abstract, param_logical_axes(config), is_leaf=lambda x: isinstance(x, tuple))
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_params(config: ModelConfig) -> dict:
+    from m1jax.model import abstract_params  # m1jax.model imports the layers, which import this module
+    return abstract_params(config)
+
+
+def param_specs(config: ModelConfig, mesh_sizes: Mapping[str, int]) -> dict:
+    """PartitionSpecs in the PARAMS.md tree (mesh axes of size 1 included, so listings show every rule)."""
+    return jax.tree.map(lambda names: logical_spec(names, mesh_sizes), param_logical_axes(config),
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+_announced: set = set()
+
+
+def param_shardings(config: ModelConfig, mesh: Mesh, *, announce: bool = True) -> dict:
+    """NamedShardings in the PARAMS.md tree; validates the mesh and prints the layout once per (config, mesh)."""
+    validate(config, mesh.shape)
+    if announce and (config, tuple(mesh.shape.items())) not in _announced:
+        _announced.add((config, tuple(mesh.shape.items())))
+        print(layout_report(config, mesh.shape), file=sys.stderr)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(config, mesh.shape),
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+# ---- accounting ----------------------------------------------------------------------------------
+def per_device_shape(shape: Sequence[int], spec: PartitionSpec, mesh_sizes: Mapping[str, int]) -> tuple[int, ...]:
+    def parts(axes):
+        axes = (axes,) if isinstance(axes, str) else (axes or ())
+        return math.prod(mesh_sizes[a] for a in axes)
+    return tuple(d // parts(p) for d, p in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))))
+
+
+def param_bytes(config: ModelConfig, mesh_sizes: Mapping[str, int]) -> dict[str, int]:
+    """Parameter bytes: total and per device, split into routed experts (w1/w2/w3) and everything else."""
+    validate(config, mesh_sizes)
+    out = {"total": 0, "per_device": 0, "experts_total": 0, "experts_per_device": 0, "per_device_elements": 0}
+    abstract = jax.tree_util.tree_flatten_with_path(_abstract_params(config))[0]
+    specs = jax.tree.leaves(param_specs(config, mesh_sizes), is_leaf=lambda x: isinstance(x, PartitionSpec))
+    for (path, a), spec in zip(abstract, specs):
+        local = math.prod(per_device_shape(a.shape, spec, mesh_sizes))
+        total, per_dev = math.prod(a.shape) * a.dtype.itemsize, local * a.dtype.itemsize
+        out["total"] += total
+        out["per_device"] += per_dev
+        out["per_device_elements"] += local
+        if getattr(path[-1], "key", None) in ("w1", "w2", "w3"):
+            out["experts_total"] += total
+            out["experts_per_device"] += per_dev
+    return out
+
+
+def layout_report(config: ModelConfig, mesh_sizes: Mapping[str, int]) -> str:
+    """The effective parallel layout in a few lines: what the mesh does to this model."""
+    sizes = {a: mesh_sizes.get(a, 1) for a in AXES}
+    b = param_bytes(config, sizes)
+    ep, tp = math.prod(sizes[a] for a in RULES["experts"]), math.prod(sizes[a] for a in RULES["mlp"])
+    batch_parts = math.prod(sizes[a] for a in RULES["batch"])
+    return "\n".join([
+        f"m1jax mesh: {_fmt(sizes)} ({math.prod(sizes.values())} devices)",
+        f"  experts: {config.num_experts} per layer, {config.num_experts // ep} per device "
+        f"(split over {RULES['experts']}), expert width {config.intermediate_size} -> "
+        f"{config.intermediate_size // tp} per device (over {RULES['mlp']})",
+        f"  attention heads {config.num_heads} / KV heads {config.num_kv_heads} -> "
+        f"{config.num_heads // sizes['tensor']} / {config.num_kv_heads // sizes['tensor']} per device; "
+        f"parameters' embed dim over fsdp={sizes['fsdp']}; batch split {batch_parts} ways {RULES['batch']}",
+        f"  parameters per device: {b['per_device'] / 1e9:.3f} GB of {b['total'] / 1e9:.3f} GB "
+        f"(experts {b['experts_per_device'] / 1e9:.3f} GB, other {(b['per_device'] - b['experts_per_device']) / 1e9:.3f} GB)",
+    ])
+
+
+def spec_listing(config: ModelConfig, mesh_sizes: Mapping[str, int]) -> str:
+    """One line per parameter: path, shape, dtype, logical axes, PartitionSpec, per-device shape (for goldens)."""
+    sizes = {a: mesh_sizes.get(a, 1) for a in AXES}
+    abstract = jax.tree_util.tree_flatten_with_path(_abstract_params(config))[0]
+    names = jax.tree.leaves(param_logical_axes(config), is_leaf=lambda x: isinstance(x, tuple))
+    specs = jax.tree.leaves(param_specs(config, sizes), is_leaf=lambda x: isinstance(x, PartitionSpec))
+    lines = [f"# mesh {_fmt(sizes)}"]
+    for (path, a), n, spec in zip(abstract, names, specs):
+        key = "/".join(str(getattr(k, "key", k)) for k in path)
+        lines.append(f"{key} {list(a.shape)} {np.dtype(a.dtype).name} {list(n)} {spec} "
+                     f"-> {list(per_device_shape(a.shape, spec, sizes))}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,404 @@
+"""Hugging Face checkpoint tensors <-> M1Model parameters, for both tensor-name layouts, streamed.
+
+Parameter tree (`nnx.to_pure_dict` of M1Model; JAX layout = the HF `[out, in]` weight transposed; every leaf under
+`cycles` has a leading `[num_cycles]` axis; layer l = c * len(cycle) + j):
+
+    embed_tokens [vocab, d]                      model.embed_tokens.weight
+    cycles.layers.{j}.input_norm.weight [C, d]   model.layers.{l}.input_layernorm.weight
+    cycles.layers.{j}.post_attention_norm.weight model.layers.{l}.post_attention_layernorm.weight
+    cycles.layers.{j}.attn.{qkv_proj,output_gate,out_proj} [C, in, out], .norm [C, H*D]   (lightning)
+    cycles.layers.{j}.attn.{q,k,v,o}_proj [C, in, out]                                    (softmax)
+    cycles.layers.{j}.moe.router [C, d, E]       block_sparse_moe.gate.weight (transformers: mlp.gate.weight)
+    cycles.layers.{j}.moe.w1, w3 [C, E, d, I]    block_sparse_moe.experts.{e}.w1/w3.weight
+                                                 (transformers: mlp.experts.gate_up_proj [E, 2I, d], w1 rows first)
+    cycles.layers.{j}.moe.w2 [C, E, I, d]        block_sparse_moe.experts.{e}.w2.weight (transformers: down_proj)
+    final_norm.weight [d]                        model.norm.weight
+    lm_head [d, vocab]                           lm_head.weight (absent when tie_word_embeddings)
+
+Safetensors files are read one tensor at a time through memory maps (the header is parsed here, so bf16 needs
+no framework), each tensor is transposed straight into a preallocated buffer for its stacked parameter, and a
+parameter is handed on as soon as it is complete: host memory holds one stacked parameter plus one tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import mmap
+import os
+import struct
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from m1jax.config import ModelConfig
+
+Layout = Literal["original", "transformers"]
+LAYOUTS: tuple[Layout, ...] = ("original", "transformers")
+ParamPath = tuple[str | int, ...]
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Persistent buffers transformers' save_pretrained writes for lightning layers; the model recomputes them.
+IGNORED_SUFFIXES = (".self_attn.slope_rate", ".self_attn.query_decay", ".self_attn.key_decay",
+                    ".self_attn.diagonal_decay")
+ROUTER = "router"
+
+# safetensors dtype name -> numpy dtype; None: valid in the format but not a weight dtype the model can take.
+_ST_DTYPES: dict[str, np.dtype | None] = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    **{name: None for name in ("BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F8_E5M2", "F8_E4M3")},
+}
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items() if v is not None}
+_MAX_HEADER = 100 * 2**20
+_TILE = 16  # rows per step of the transposed copy: keeps numpy's strided reads inside L1 (measured best on x86)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not hold the tensors the config asks for, or a damaged file."""
+
+
+# ---- reading safetensors ------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, dtype (None when not a weight dtype), shape and absolute byte range."""
+
+    name: str
+    file: Path
+    dtype_name: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def dtype(self) -> np.dtype | None:
+        return _ST_DTYPES[self.dtype_name]
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
+    """Parse and check one safetensors header against the file's size (no tensor data is read)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(_MAX_HEADER, size - 8):
+                raise CheckpointError(f"{path}: header length {header_len} exceeds the file ({size} bytes); "
+                                      "truncated or not a safetensors file")
+            header = json.loads(f.read(header_len))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: shard file is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    base, data_len = 8 + header_len, size - 8 - header_len
+    infos = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype_name, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {entry!r}") from None
+        if dtype_name not in _ST_ITEMSIZE:
+            raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype_name!r}")
+        expected = math.prod(shape) * _ST_ITEMSIZE[dtype_name]
+        if end - begin != expected or begin < 0:
+            raise CheckpointError(f"{path}: tensor {name!r} header says {end - begin} bytes at [{begin}, {end}) "
+                                  f"but {dtype_name}{list(shape)} needs {expected}")
+        if end > data_len:
+            raise CheckpointError(f"{path}: tensor {name!r} ends at byte {end} of the data section but the file "
+                                  f"holds only {data_len} data bytes (truncated file)")
+        infos[name] = TensorInfo(name, path, dtype_name, shape, base + begin, base + end)
+    return infos
+
+
+def scan_checkpoint(directory: str | Path) -> dict[str, TensorInfo]:
+    """Every tensor of a checkpoint directory, through model.safetensors.index.json or a single model.safetensors."""
+    directory = Path(directory)
+    index_path = directory / INDEX_FILE
+    if not index_path.exists():
+        if (directory / SINGLE_FILE).exists():
+            return read_safetensors_header(directory / SINGLE_FILE)
+        raise CheckpointError(f"{directory}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
+    weight_map = read_index(index_path)["weight_map"]
+    by_file: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        by_file.setdefault(file, []).append(name)
+    missing_files = sorted(f for f in by_file if not (directory / f).exists())
+    if missing_files:
+        raise CheckpointError(f"{index_path}: shard file(s) missing: " + "; ".join(
+            f"{f} (holds {len(by_file[f])} tensors, e.g. {by_file[f][0]})" for f in missing_files))
+    tensors, problems = {}, []
+    for file, names in sorted(by_file.items()):
+        header = read_safetensors_header(directory / file)
+        for name in names:
+            if name in header:
+                tensors[name] = header[name]
+            else:
+                problems.append(f"{name}: listed in the index under {file}, which does not contain it")
+    if problems:
+        raise CheckpointError(f"{index_path} disagrees with the shard files:\n  " + "\n  ".join(problems))
+    return tensors
+
+
+def read_index(index_path: str | Path) -> dict[str, Any]:
+    """A model.safetensors.index.json, checked for shape: {"metadata": {...}, "weight_map": {name: file}}."""
+    index_path = Path(index_path)
+    try:
+        index = json.loads(index_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{index_path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{index_path}: not valid JSON ({e})") from None
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        raise CheckpointError(f"{index_path}: no 'weight_map' object")
+    return index
+
+
+# ---- the name <-> parameter mapping -------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """One HF tensor (or a row range of it) that fills `param[index]`."""
+
+    name: str
+    shape: tuple[int, ...]  # the whole HF tensor
+    index: tuple[int, ...] = ()  # (cycle,) or (cycle, expert): where the block goes in the stacked parameter
+    rows: tuple[int, int] | None = None  # fused gate_up_proj: the row range (axis -2) this parameter takes
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """One parameter: its path, JAX shape and dtype, and the HF tensors it is assembled from."""
+
+    path: ParamPath
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    transposed: bool  # each block is its HF tensor with the last two axes swapped
+    pieces: tuple[Piece, ...]
+
+    @property
+    def is_router(self) -> bool:
+        return self.path[-1] == ROUTER
+
+
+def param_specs(config: ModelConfig, layout: Layout = "original") -> list[ParamSpec]:
+    """Every parameter of `config`'s model, in a fixed order, with the HF tensors of `layout` it comes from."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    dt, f32 = np.dtype(config.dtype), np.dtype(np.float32)
+    d, v, E, I = config.hidden_size, config.vocab_size, config.num_experts, config.intermediate_size
+    inner, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    period, C = len(config.cycle), config.num_cycles
+
+    def stacked(path, block, names, hf_shape, *, transposed=True, dtype=dt, rows=None):
+        """A [C, *block] parameter from one HF tensor per cycle (names: layer index -> tensor name)."""
+        pieces = tuple(Piece(names(c * period + j), hf_shape, (c,), rows) for c in range(C))
+        return ParamSpec(("cycles", "layers", j) + path, (C,) + block, dtype, transposed, pieces)
+
+    specs = [ParamSpec(("embed_tokens",), (v, d), dt, False, (Piece("model.embed_tokens.weight", (v, d)),))]
+    for j, kind in enumerate(config.cycle):
+        layer = lambda suffix: lambda l: f"model.layers.{l}.{suffix}"
+        specs += [stacked(("input_norm", "weight"), (d,), layer("input_layernorm.weight"), (d,), transposed=False),
+                  stacked(("post_attention_norm", "weight"), (d,), layer("post_attention_layernorm.weight"), (d,),
+                          transposed=False)]
+        if kind == "lightning":
+            specs += [stacked(("attn", "qkv_proj"), (d, 3 * inner), layer("self_attn.qkv_proj.weight"), (3 * inner, d)),
+                      stacked(("attn", "output_gate"), (d, inner), layer("self_attn.output_gate.weight"), (inner, d)),
+                      stacked(("attn", "out_proj"), (inner, d), layer("self_attn.out_proj.weight"), (d, inner)),
+                      stacked(("attn", "norm"), (inner,), layer("self_attn.norm.weight"), (inner,), transposed=False)]
+        else:
+            specs += [stacked(("attn", "q_proj"), (d, inner), layer("self_attn.q_proj.weight"), (inner, d)),
+                      stacked(("attn", "k_proj"), (d, kv), layer("self_attn.k_proj.weight"), (kv, d)),
+                      stacked(("attn", "v_proj"), (d, kv), layer("self_attn.v_proj.weight"), (kv, d)),
+                      stacked(("attn", "o_proj"), (inner, d), layer("self_attn.o_proj.weight"), (d, inner))]
+        if layout == "original":
+            moe = layer("block_sparse_moe")
+            specs.append(stacked(("moe", ROUTER), (d, E), lambda l: f"{moe(l)}.gate.weight", (E, d), dtype=f32))
+            for w, block, hf in (("w1", (d, I), (I, d)), ("w3", (d, I), (I, d)), ("w2", (I, d), (d, I))):
+                pieces = tuple(Piece(f"{moe(c * period + j)}.experts.{e}.{w}.weight", hf, (c, e))
+                               for c in range(C) for e in range(E))
+                specs.append(ParamSpec(("cycles", "layers", j, "moe", w), (C, E) + block, dt, True, pieces))
+        else:
+            mlp = layer("mlp")
+            gate_up = lambda l: f"{mlp(l)}.experts.gate_up_proj"
+            specs += [stacked(("moe", ROUTER), (d, E), lambda l: f"{mlp(l)}.gate.weight", (E, d), dtype=f32),
+                      stacked(("moe", "w1"), (E, d, I), gate_up, (E, 2 * I, d), rows=(0, I)),
+                      stacked(("moe", "w3"), (E, d, I), gate_up, (E, 2 * I, d), rows=(I, 2 * I)),
+                      stacked(("moe", "w2"), (E, I, d), lambda l: f"{mlp(l)}.experts.down_proj", (E, d, I))]
+    specs.append(ParamSpec(("final_norm", "weight"), (d,), dt, False, (Piece("model.norm.weight", (d,)),)))
+    if not config.tie_word_embeddings:
+        specs.append(ParamSpec(("lm_head",), (d, v), dt, True, (Piece("lm_head.weight", (v, d)),)))
+    return specs
+
+
+def hf_tensor_specs(config: ModelConfig, layout: Layout = "original") -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """name -> (shape, dtype) of every tensor a checkpoint of `config` holds (router float32, as M1 ships it)."""
+    return {piece.name: (piece.shape, spec.dtype) for spec in param_specs(config, layout) for piece in spec.pieces}
+
+
+def is_ignored(name: str) -> bool:
+    return name.endswith(IGNORED_SUFFIXES)
+
+
+def detect_layout(names: Iterable[str]) -> Layout:
+    """'transformers' when any fused expert tensor is present, else 'original'."""
+    return "transformers" if any(".mlp.experts.gate_up_proj" in n or ".mlp.experts.down_proj" in n
+                                 for n in names) else "original"
+
+
+def check_names(name_to_file: Mapping[str, str], config: ModelConfig) -> tuple[Layout, list[str]]:
+    """The layout and the problems (missing or unexpected tensors) of a checkpoint's tensor list."""
+    present = {n: f for n, f in name_to_file.items() if not is_ignored(n)}
+    layout = detect_layout(present)
+    expected = hf_tensor_specs(config, layout)
+    problems = [f"missing: {n} {list(shape)}" for n, (shape, _) in expected.items() if n not in present]
+    problems += [f"unexpected: {n} (in {present[n]})" for n in sorted(present) if n not in expected]
+    return layout, problems
+
+
+def check_checkpoint(tensors: Mapping[str, TensorInfo], config: ModelConfig,
+                     where: str | Path = "checkpoint") -> tuple[Layout, list[ParamSpec]]:
+    """Check names, shapes and dtypes against `config`; raise one CheckpointError listing every problem."""
+    layout, problems = check_names({n: t.file.name for n, t in tensors.items()}, config)
+    expected = hf_tensor_specs(config, layout)
+    for name, (shape, _) in expected.items():
+        t = tensors.get(name)
+        if t is None:
+            continue
+        if t.dtype is None:
+            problems.append(f"dtype: {name} in {t.file.name} is {t.dtype_name}, not a float weight dtype")
+        if t.shape != shape:
+            problems.append(f"shape: {name} in {t.file.name} is {list(t.shape)}, config expects {list(shape)}")
+    if problems:
+        n_shape = sum(p.startswith("shape:") for p in problems)
+        hint = " (config.json disagrees with the tensors)" if n_shape else ""
+        raise CheckpointError(f"{where}: {len(problems)} problem(s) for a {layout}-layout checkpoint{hint}:\n  "
+                              + "\n  ".join(problems))
+    return layout, param_specs(config, layout)
+
+
+# ---- streaming parameters out of a checkpoint ---------------------------------------------------
+def _map_tensor(info: TensorInfo) -> np.ndarray:
+    """A read-only memory-mapped view of one tensor; the kernel starts reading it ahead right away."""
+    if info.nbytes == 0:
+        return np.empty(info.shape, info.dtype)
+    base = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+    with open(info.file, "rb") as f:
+        mm = mmap.mmap(f.fileno(), info.end - base, offset=base, access=mmap.ACCESS_READ)
+    mm.madvise(mmap.MADV_WILLNEED)
+    return np.frombuffer(mm, info.dtype, math.prod(info.shape), info.start - base).reshape(info.shape)
+
+
+def copy_block(dst: np.ndarray, src: np.ndarray, transposed: bool) -> None:
+    """dst[...] = src (transposed: with src's last two axes swapped), casting; tiled so transposes run fast."""
+    if not transposed:
+        np.copyto(dst, src, casting="unsafe")
+        return
+    for i in range(0, src.shape[-2], _TILE):
+        np.copyto(dst[..., i:i + _TILE], np.swapaxes(src[..., i:i + _TILE, :], -1, -2), casting="unsafe")
+
+
+def iter_params(tensors: Mapping[str, TensorInfo], specs: list[ParamSpec], *, dtype=None, router_dtype=None,
+                on_tensor: Callable[[TensorInfo], None] | None = None) -> Iterator[tuple[ParamSpec, np.ndarray]]:
+    """Yield (spec, host array) one parameter at a time, each built in a fresh buffer from memory-mapped tensors.
+
+    `dtype` (default: each spec's) applies to every parameter but the router, which keeps its stored dtype
+    unless `router_dtype` is given. The consumer should drop each array before asking for the next.
+    """
+    for spec in specs:
+        stored = [tensors[p.name] for p in spec.pieces]
+        if spec.is_router:
+            target = np.dtype(router_dtype) if router_dtype else np.result_type(*(t.dtype for t in stored))
+        else:
+            target = np.dtype(dtype) if dtype else spec.dtype
+        buf = np.empty(spec.shape, target)
+        order = sorted(range(len(stored)), key=lambda i: (stored[i].file, stored[i].start))
+        pending = _map_tensor(stored[order[0]])
+        for k, i in enumerate(order):
+            current, piece = pending, spec.pieces[i]
+            pending = _map_tensor(stored[order[k + 1]]) if k + 1 < len(order) else None  # read ahead
+            if piece.rows is not None:
+                current = current[..., piece.rows[0]:piece.rows[1], :]
+            copy_block(buf[piece.index], current, spec.transposed)
+            del current
+            if on_tensor is not None:
+                on_tensor(stored[i])
+        yield spec, buf
+        del buf
+
+
+def load_hf_checkpoint(directory: str | Path, config: ModelConfig, *, dtype=None, router_dtype=None,
+                       shardings: Mapping | None = None) -> dict:
+    """Read a Hugging Face safetensors checkpoint (either layout) into the M1Model parameter tree.
+
+    Parameters are cast to `dtype` (default config.dtype); the router keeps its stored dtype unless
+    `router_dtype` is given. With `shardings` (the same tree of jax.sharding.Sharding), each parameter is
+    placed into its sharding as soon as it is assembled; otherwise the leaves are numpy arrays.
+    """
+    tensors = scan_checkpoint(directory)
+    _, specs = check_checkpoint(tensors, config, directory)
+    params: dict = {}
+    for spec, host in iter_params(tensors, specs, dtype=dtype or config.dtype, router_dtype=router_dtype):
+        if shardings is not None:
+            sharding = get_path(shardings, spec.path)
+            host = jax.make_array_from_callback(host.shape, sharding, lambda idx, a=host: a[idx])
+        set_path(params, spec.path, host)
+    return params
+
+
+# ---- export -------------------------------------------------------------------------------------
+def iter_hf_tensors(params: Mapping, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, contiguous numpy tensor) in the ORIGINAL layout's names and HF orientation, parameter by parameter."""
+    yield from iter_hf_tensors_from(lambda path: np.asarray(get_path(params, path)), config)
+
+
+def iter_hf_tensors_from(get: Callable[[ParamPath], np.ndarray],
+                         config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """iter_hf_tensors over a parameter getter, so callers can fetch one parameter at a time."""
+    for spec in param_specs(config, "original"):
+        param = get(spec.path)
+        if tuple(param.shape) != spec.shape:
+            raise CheckpointError(f"parameter {'/'.join(map(str, spec.path))} has shape {list(param.shape)}, "
+                                  f"config expects {list(spec.shape)}")
+        for piece in spec.pieces:
+            out = np.empty(piece.shape, param.dtype)
+            copy_block(out, param[piece.index], spec.transposed)
+            yield piece.name, out
+        del param
+
+
+def safetensors_dtype(dtype: np.dtype) -> str:
+    """The safetensors dtype name of a weight dtype."""
+    try:
+        return _ST_NAMES[np.dtype(dtype)]
+    except KeyError:
+        raise CheckpointError(f"dtype {np.dtype(dtype)} cannot be written as a weight") from None
+
+
+# ---- nested parameter dicts ---------------------------------------------------------------------
+def get_path(tree: Mapping, path: ParamPath):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def set_path(tree: dict, path: ParamPath, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
