@@ -5,10 +5,12 @@ M1-like MoE shape: 32,768 rows x 2048 -> 3072, 32 groups, bf16; balanced groups 
 forward and forward+backward (3x the FLOPs). Prints a markdown table. Every row is guarded: a failing
 implementation prints its traceback and the run goes on.
 
-From the repository root:
-    python -m benchmarks.grouped_matmul                      # GPU: about a minute on an H200
-    python -m benchmarks.grouped_matmul --tiles 128,64,256,8,3 128,64,128,4,4   # block_m,k,n[,warps,stages]
-    python -m benchmarks.grouped_matmul --tiny               # tiny shapes (the default on CPU, interpreted)
+Rows run most valuable first and the rows left after --budget-s (default 50 s) are skipped, so the table
+prints within about a minute; each row is also printed as soon as it is measured.
+
+    python benchmarks/grouped_matmul.py                      # GPU: M1 shape; CPU: tiny shapes, interpreted
+    python benchmarks/grouped_matmul.py --tiles 128,64,256,8,3 128,64,128,4,4 --budget-s 100   # a sweep:
+                                                             #   block_m,block_k,block_n[,num_warps,num_stages]
 """
 
 import argparse
@@ -16,12 +18,14 @@ import statistics
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.grouped_matmul import Tiling, grouped_matmul, pallas_gpu, pallas_tpu
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pallas_kernels.grouped_matmul import Tiling, grouped_matmul, pallas_gpu, pallas_tpu  # noqa: E402
 
 FULL = dict(m=32768, k=2048, n=3072, groups=32, ceiling=8192)
 TINY = dict(m=512, k=128, n=256, groups=8, ceiling=256)
@@ -63,8 +67,8 @@ def rel_err(got, want) -> float:
     """Largest max|got - want| / max|want| over the leaves (the output, or the output and gradients)."""
     errs = []
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
-        errs.append(float(np.abs(g - w).max() / max(np.abs(w).max(), 1e-30)))
+        g, w = g.astype(jnp.float32), w.astype(jnp.float32)  # on the device: no big host copies
+        errs.append(float(jnp.abs(g - w).max() / jnp.maximum(jnp.abs(w).max(), 1e-30)))
     return max(errs)
 
 
@@ -82,7 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiles", nargs="+", help="tilings to time: block_m,block_k,block_n[,num_warps,num_stages]")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (default on CPU)")
-    parser.add_argument("--budget-s", type=float, default=100.0, help="skip the rows left after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=50.0, help="skip the rows left after this many seconds")
     args = parser.parse_args()
 
     began = time.perf_counter()
@@ -101,67 +105,77 @@ def main() -> None:
     dout = jax.random.normal(keys[2], (m, n), jnp.bfloat16)
     sizes = {name: jnp.asarray(group_sizes(m, groups, name == "skewed")) for name in ("balanced", "skewed")}
     flops = 2 * m * k * n
-    rows, ceiling = [], [float("nan")]
+    rows = []  # (groups, implementation, status, seconds, TFLOP/s, max rel err)
+    refs = {}  # per case: [ragged_dot output, ragged_dot (output, gradients)]
 
     def row(case, name, fn, inputs, work, check=None):
         if time.perf_counter() - began > args.budget_s:
-            rows.append((case, name, "skipped (time budget)", "", "", "", ""))
+            rows.append((case, name, "skipped (time budget)", None, None, None))
             return None
         try:
             jitted = jax.jit(fn)
             seconds = median_seconds(jitted, *inputs)
             out = jitted(*inputs)
-            err = f"{rel_err(out, check):.1e}" if check is not None else ""
-            tflops = work / seconds / 1e12
-            rows.append((case, name, "ok", f"{seconds * 1e3:.3f}", f"{tflops:.1f}",
-                         f"{100 * tflops / ceiling[0]:.0f}%", err))
+            err = rel_err(out, check) if check is not None else None
+            rows.append((case, name, "ok", seconds, work / seconds / 1e12, err))
+            print(f"  {case} / {name}: {seconds * 1e3:.3f} ms, {work / seconds / 1e12:.1f} TFLOP/s"
+                  + ("" if err is None else f", max rel err {err:.1e}"), flush=True)  # survives a timeout kill
             return out
         except Exception:  # one failing implementation must not stop the others
             print(f"--- {case} / {name} failed:", file=sys.stderr)
             traceback.print_exc()
-            rows.append((case, name, "FAILED", "", "", "", ""))
+            rows.append((case, name, "FAILED", None, None, None))
             return None
 
     a, b = (jax.random.normal(key, (side, side), jnp.bfloat16) for key in keys[3:])
     row("ceiling", f"jnp.dot {side}^3", jnp.dot, (a, b), 2 * side**3)
-    if rows[-1][2] == "ok":
-        ceiling[0] = float(rows[-1][4])
-        rows[-1] = rows[-1][:5] + ("100%", "")
+    ceiling = rows[-1][4] or float("nan")
     del a, b
 
     einsum = lambda x, w: jnp.einsum("gmk,gkn->gmn", x, w)
     batched = (lhs.reshape(groups, m // groups, k), rhs)
     dense = row("balanced", f"batched einsum {groups}x{m // groups} rows", einsum, batched, flops)
-    row("balanced", "batched einsum fwd+bwd", with_backward(lambda x, w, _: einsum(x, w)),
-        (*batched, None, dout.reshape(groups, m // groups, n)), 3 * flops)
-
-    refs = {}
-    for case, gs in sizes.items():  # references, then the default tiling on both cases before any sweep
+    for case, gs in sizes.items():
         if case == "skewed":
             print(f"skewed group sizes: max {int(gs.max())}, min {int(gs.min())}, "
                   f"{int((gs % 128 != 0).sum())} of {groups} not multiples of 128")
         out = row(case, "jax.lax.ragged_dot", jax.lax.ragged_dot, (lhs, rhs, gs), flops)
-        if out is None and dense is not None and case == "balanced":
-            out = dense.reshape(m, n)
+        refs[case] = [dense.reshape(m, n) if out is None and dense is not None and case == "balanced" else out]
+
+    def pallas(tiling, backward):
+        name = f"{impl} {','.join(map(str, tiling))}"
+        kernel = lambda x, w, g: grouped_matmul(x, w, g, impl=impl, tiling=tiling)
+        for case, gs in sizes.items():
+            if backward:
+                row(case, f"{name} fwd+bwd", with_backward(kernel), (lhs, rhs, gs, dout), 3 * flops, refs[case][1])
+            else:
+                row(case, name, kernel, (lhs, rhs, gs), flops, check=refs[case][0])
+
+    pallas(tilings[0], backward=False)
+    for case, gs in sizes.items():
         grads = row(case, "jax.lax.ragged_dot fwd+bwd", with_backward(jax.lax.ragged_dot),
                     (lhs, rhs, gs, dout), 3 * flops)
-        refs[case] = out, grads
-    for tiling in tilings:
-        name = f"{impl} {','.join(map(str, tiling))}"
-        kernel = lambda x, w, g, t=tiling: grouped_matmul(x, w, g, impl=impl, tiling=t)
-        for case, gs in sizes.items():
-            out, grads = refs[case]
-            row(case, name, kernel, (lhs, rhs, gs), flops, check=out)
-            row(case, f"{name} fwd+bwd", with_backward(kernel), (lhs, rhs, gs, dout), 3 * flops, check=grads)
+        refs[case].append(grads)
+    pallas(tilings[0], backward=True)
+    row("balanced", "batched einsum fwd+bwd", with_backward(lambda x, w, _: einsum(x, w)),
+        (*batched, None, dout.reshape(groups, m // groups, n)), 3 * flops)
     if platform == "gpu":
         for case, gs in sizes.items():
             row(case, "jax ragged_dot_mgpu 128,64,128 (Mosaic GPU)", mosaic_gpu_ragged_dot, (lhs, rhs, gs), flops,
                 check=refs[case][0])
+    for tiling in tilings[1:]:
+        pallas(tiling, backward=False)
+        pallas(tiling, backward=True)
 
+    rows.sort(key=lambda r: ["ceiling", "balanced", "skewed"].index(r[0]))  # stable: measuring order per case
     print("\n| groups | implementation | status | ms | TFLOP/s | of ceiling | max rel err |")
     print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    for case, name, status, seconds, tflops, err in rows:
+        cells = [case, name, status]
+        cells += ["", "", ""] if seconds is None else [f"{seconds * 1e3:.3f}", f"{tflops:.1f}",
+                                                       f"{100 * tflops / ceiling:.0f}%"]
+        cells.append("" if err is None else f"{err:.1e}")
+        print("| " + " | ".join(cells) + " |")
     print(f"\nfwd+bwd rows count 3x the forward FLOPs; errors are against jax.lax.ragged_dot "
           f"(outputs, then gradients). Total {time.perf_counter() - began:.0f} s.")
 

@@ -8,6 +8,7 @@ import sys
 from checkpoints_convert.hf_to_orbax import check_mesh, convert_hf_to_orbax, dry_run, parse_mesh
 from checkpoints_convert.orbax_to_hf import convert_orbax_to_hf, parse_size
 from m1jax.config import DTYPES, ConfigError, ModelConfig
+from m1jax.sharding import ShardingError
 from m1jax.weights import CheckpointError
 
 
@@ -26,8 +27,8 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     h2o.add_argument("--dst", help="checkpoint directory to create (not needed with --dry-run)")
     h2o.add_argument("--dtype", choices=DTYPES, help="parameter dtype (default: the config's)")
     h2o.add_argument("--router-dtype", choices=DTYPES, help="router dtype (default: as stored, fp32 for M1)")
-    h2o.add_argument("--mesh", type=parse_mesh, help="AXIS=SIZE,... the mesh the checkpoint will be restored on "
-                     "(experts must split evenly over 'expert')")
+    h2o.add_argument("--mesh", type=parse_mesh, help="AXIS=SIZE,... (data, fsdp, expert, tensor): check that "
+                     "the checkpoint can be restored on this mesh")
     h2o.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
     h2o.add_argument("--dry-run", action="store_true",
                      help="check config.json and the index only (and shard headers if present), print totals")
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             totals = convert_orbax_to_hf(args.src, args.dst, max_shard_size=args.max_shard_size,
                                          overwrite=args.overwrite, progress=not args.no_progress)
-    except (CheckpointError, ConfigError, FileExistsError) as e:
+    except (CheckpointError, ConfigError, ShardingError, FileExistsError) as e:
         print(f"m1jax convert {args.direction}: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.dst}: {totals}")

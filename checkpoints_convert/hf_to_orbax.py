@@ -21,8 +21,9 @@ from tqdm import tqdm
 from checkpoints_convert.orbax_checkpoint import ParamWriter, write_config
 from checkpoints_convert.staging import check_destination, staged_directory
 from m1jax.config import ConfigError, ModelConfig
-from m1jax.weights import (INDEX_FILE, CheckpointError, check_checkpoint, check_names, hf_tensor_specs,
-                           is_ignored, iter_params, read_index, scan_checkpoint)
+from m1jax.sharding import AXES, validate
+from m1jax.weights import (INDEX_FILE, ROUTER_SUFFIXES, CheckpointError, check_checkpoint, check_names, hf_tensor_specs,
+                           is_ignored, iter_params, param_dtype, read_index, scan_checkpoint, set_path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,14 +56,17 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def check_mesh(config: ModelConfig, mesh: Mapping[str, int]) -> str:
-    """Check the checkpoint can be restored on `mesh` (experts split evenly); return a one-line description.
+    """Check that the checkpoint can be restored on `mesh` (m1jax.sharding's rules); describe the split.
 
-    The storage chunks (one per cycle and expert) lie inside every expert shard, whatever the mesh.
+    The storage chunks (one per cycle, and per expert for expert weights) lie inside every layer and expert
+    shard, so a sharded restore reads only its own chunks along those axes.
     """
-    experts = mesh.get("expert", 1)
-    if config.num_experts % experts:
-        raise ConfigError(f"mesh expert={experts} does not divide num_experts={config.num_experts}")
+    unknown = sorted(set(mesh) - set(AXES))
+    if unknown:
+        raise ConfigError(f"mesh axes {unknown} are not among m1jax's {AXES}")
+    validate(config, mesh)
     axes = " ".join(f"{k}={v}" for k, v in mesh.items())
+    experts = mesh.get("expert", 1)
     return f"mesh {axes}: {config.num_experts} experts, {config.num_experts // experts} per expert shard"
 
 
@@ -79,61 +83,81 @@ def convert_hf_to_orbax(src: str | Path, dst: str | Path, *, dtype: str | None =
     tensors = scan_checkpoint(src)
     layout, specs = check_checkpoint(tensors, config, src)
     check_destination(dst, overwrite)
+    sizes = [math.prod(s.shape) * param_dtype(s, tensors, config.dtype, router_dtype).itemsize for s in specs]
+    groups = group_by_size(specs, sizes, max(sizes))
     model_tensors = [t for n, t in tensors.items() if not is_ignored(n)]
     total = sum(t.nbytes for t in model_tensors)
     start = time.perf_counter()
     with staged_directory(dst, overwrite) as stage, \
             tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="hf-to-orbax",
                  disable=not progress) as bar:
-        done = [0]
+        done: set[str] = set()
 
-        def on_tensor(t):
-            done[0] += 1
-            bar.set_postfix_str(f"{done[0]}/{len(model_tensors)} tensors", refresh=False)
-            bar.update(t.nbytes)
+        def on_piece(tensor, nbytes):
+            done.add(tensor.name)
+            bar.set_postfix_str(f"{len(done)}/{len(model_tensors)} tensors", refresh=False)
+            bar.update(nbytes)
 
         writer = ParamWriter(stage)
-        router = set()
-        for spec, array in iter_params(tensors, specs, dtype=config.dtype, router_dtype=router_dtype,
-                                       on_tensor=on_tensor):
-            if spec.is_router:
-                router.add(str(array.dtype))
-            writer.add(spec.path, array)
-            del array  # free this parameter before the next one is assembled
+        params = iter_params(tensors, specs, dtype=config.dtype, router_dtype=router_dtype, on_piece=on_piece)
+        for group in groups:
+            tree: dict = {}
+            for _ in group:
+                spec, array = next(params)
+                set_path(tree, spec.path, array)
+            writer.save(tree)
+            del tree, array  # free this group before the next one is assembled
         writer.finish()
         write_config(stage, config, json.loads((src / "config.json").read_text()))
+    router = {str(param_dtype(s, tensors, config.dtype, router_dtype)) for s in specs if s.is_router}
     return Totals(len(model_tensors), len({t.file for t in model_tensors}), total,
                   sum(math.prod(t.shape) for t in model_tensors), layout, "/".join(sorted(router)),
                   time.perf_counter() - start)
 
 
+def group_by_size(items: list, sizes: list[int], budget: int) -> list[list]:
+    """Consecutive items in groups of at most `budget` bytes (an item larger than that alone): fewer, larger
+    orbax saves at the same peak memory as saving the largest parameter alone."""
+    groups, total = [[]], 0
+    for item, size in zip(items, sizes):
+        if groups[-1] and total + size > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(item)
+        total += size
+    return groups
+
+
 def dry_run(src: str | Path) -> Totals:
-    """Check config.json and the index alone (shard headers too, when the shards are present); raise one
-    CheckpointError listing every problem, else return the totals."""
+    """Check config.json and the index alone, or the shard headers too when the shards are present; raise one
+    CheckpointError listing every problem, else return the totals. Reads no tensor data."""
     src = Path(src)
     config = ModelConfig.from_hf(src)
     index_path = src / INDEX_FILE
-    if not index_path.exists() or all((src / f).exists() for f in set(read_index(index_path)["weight_map"].values())):
-        tensors = scan_checkpoint(src)
-        layout, _ = check_checkpoint(tensors, config, src)
-        model = {n: t for n, t in tensors.items() if not is_ignored(n)}
-        routers = {str(t.dtype) for n, t in model.items() if n.endswith(("moe.gate.weight", "mlp.gate.weight"))}
-        return Totals(len(model), len({t.file for t in model.values()}), sum(t.nbytes for t in model.values()),
-                      sum(math.prod(t.shape) for t in model.values()), layout, "/".join(sorted(routers)))
+    if index_path.exists():
+        index = read_index(index_path)
+        if not all((src / f).exists() for f in set(index["weight_map"].values())):
+            return _check_index(index, config, f"{index_path} does not match {src / 'config.json'}")
+    tensors = scan_checkpoint(src)
+    layout, _ = check_checkpoint(tensors, config, src)
+    model = [t for n, t in tensors.items() if not is_ignored(n)]
+    routers = {str(t.dtype) for t in model if t.name.endswith(ROUTER_SUFFIXES)}
+    return Totals(len(model), len({t.file for t in model}), sum(t.nbytes for t in model),
+                  sum(math.prod(t.shape) for t in model), layout, "/".join(sorted(routers)))
 
-    index = read_index(index_path)
+
+def _check_index(index: dict, config: ModelConfig, where: str) -> Totals:
+    """Names from the index, shapes from the config, and total_size against both router dtypes."""
     weight_map = index["weight_map"]
     layout, problems = check_names(weight_map, config)
     specs = hf_tensor_specs(config, layout)
     itemsize = np.dtype(config.dtype).itemsize
-    numels = {n: math.prod(shape) for n, (shape, _) in specs.items()}
-    routers = [n for n in specs if n.endswith(("moe.gate.weight", "mlp.gate.weight"))]
-    by_router = {"float32": sum(numels.values()) * itemsize + sum(numels[n] for n in routers) * (4 - itemsize),
-                 config.dtype: sum(numels.values()) * itemsize}
-    stated = index.get("metadata", {}).get("total_size")
-    has_buffers = any(is_ignored(n) for n in weight_map)
-    router_dtype = "float32"
-    if stated is not None and not has_buffers:
+    numel = {n: math.prod(shape) for n, (shape, _) in specs.items()}
+    router_numel = sum(v for n, v in numel.items() if n.endswith(ROUTER_SUFFIXES))
+    by_router = {"float32": sum(numel.values()) * itemsize + router_numel * (4 - itemsize),
+                 config.dtype: sum(numel.values()) * itemsize}
+    router_dtype, stated = "float32", index.get("metadata", {}).get("total_size")
+    if stated is not None and not any(is_ignored(n) for n in weight_map):  # buffers would count in total_size
         matches = [dt for dt, size in by_router.items() if size == stated]
         if matches:
             router_dtype = matches[0]
@@ -141,7 +165,7 @@ def dry_run(src: str | Path) -> Totals:
             problems.append(f"total_size: the index says {stated:,} bytes; the config gives "
                             + " or ".join(f"{size:,} (router {dt})" for dt, size in by_router.items()))
     if problems:
-        raise CheckpointError(f"{index_path}: {len(problems)} problem(s) for a {layout}-layout checkpoint:\n  "
+        raise CheckpointError(f"{where} ({layout} tensor names), {len(problems)} problem(s):\n  "
                               + "\n  ".join(problems))
-    files = {weight_map[n] for n in specs}
-    return Totals(len(specs), len(files), by_router[router_dtype], sum(numels.values()), layout, router_dtype)
+    return Totals(len(specs), len({weight_map[n] for n in specs}), by_router[router_dtype], sum(numel.values()),
+                  layout, router_dtype)

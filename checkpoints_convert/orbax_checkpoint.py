@@ -1,20 +1,23 @@
-"""The m1jax orbax checkpoint: the ModelConfig next to an orbax PyTree of the parameters, written one parameter at a time.
+"""The m1jax orbax checkpoint: the ModelConfig next to an orbax PyTree of the parameters, written in pieces.
 
     CKPT_DIR/
       m1jax_config.json   ModelConfig.to_dict(): the checkpoint describes itself
       hf_config.json      the source config.json when converted from Hugging Face (orbax-to-hf writes it back)
       params/             an orbax checkpoint of the parameter tree (cycle positions stored as "0", "1", ...)
 
-Each parameter is its own orbax partial save (orbax.checkpoint v1 `partial.save`, committed by `partial.finalize`),
-so a writer holds one parameter in host memory. Arrays are zarr, uncompressed (weights do not compress, and
-zstd costs throughput), without OCDBT (its writer buffers a whole array before writing it), and chunked per cycle
-and, for experts, per expert, so that a sharded restore reads only its own chunks.
+Parameters are written in groups no bigger than the largest parameter, each group one orbax partial save
+(orbax.checkpoint v1 `partial.save`; `partial.finalize` commits them as one checkpoint), so a writer holds at most
+one parameter's worth of arrays. Arrays are zarr2, uncompressed (weights do not compress; zstd costs throughput),
+without OCDBT (its writer keeps a whole array in memory while writing it); big stacked parameters are chunked per
+cycle, experts per (cycle, expert), so that a sharded restore reads only its own chunks.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -32,13 +35,22 @@ HF_CONFIG_FILE = "hf_config.json"
 PARAMS_DIR = "params"
 
 
+_MIN_CHUNK = 16 * 2**20  # split along cycles (and experts) only while the blocks stay at least this big
+
+
 def _storage_options(keypath, value):
-    """Chunk stacked matrices per cycle, expert weights per (cycle, expert); everything else in one chunk."""
+    """Storage chunks split the leading axes only, so each chunk is contiguous in the array (tensorstore writes it
+    without a copy): per (cycle, expert) for expert weights, per cycle for other stacked matrices, as far as the
+    blocks stay >= 16 MiB (many small chunk files write slowly). A sharded restore then reads only its own chunks
+    along the layer and expert axes."""
     keys = [getattr(k, "key", k) for k in keypath]
-    if keys[0] != "cycles" or np.ndim(value) < 3:
-        return None
-    axes = (0, 1) if keys[-1] in ("w1", "w2", "w3") else (0,)
-    return ocp.options.ArrayOptions.Saving.StorageOptions(shard_axes=axes)
+    lead = 0
+    if keys[0] == "cycles" and np.ndim(value) >= 3:
+        for axes in ((2,) if keys[-1] in ("w1", "w2", "w3") else ()) + (1,):
+            if value.nbytes // math.prod(value.shape[:axes]) >= _MIN_CHUNK:
+                lead = axes
+                break
+    return ocp.options.ArrayOptions.Saving.StorageOptions(shard_axes=tuple(range(lead)))
 
 
 def _save_context() -> ocp.Context:
@@ -62,18 +74,29 @@ def _from_orbax(tree):
     return {int(k) if k.isdigit() else k: _from_orbax(v) for k, v in tree.items()}
 
 
+def _return_freed_memory_to_os() -> None:
+    """Fix glibc's mmap threshold at 1 MiB. By default it rises to 32 MiB after big buffers are freed, and
+    tensorstore's write threads then leave every freed chunk buffer in their arenas: RSS grew by one chunk per
+    save, to 2.5x the largest parameter in benchmarks/convert.py. No-op off glibc."""
+    try:
+        ctypes.CDLL(None).mallopt(-3, 2**20)  # M_MMAP_THRESHOLD
+    except (AttributeError, OSError):
+        pass
+
+
 class ParamWriter:
-    """Save parameters one at a time into `directory/params`; `finish` commits them as one orbax checkpoint."""
+    """Save groups of finished parameters into `directory/params`, one orbax partial save per group;
+    `finish` commits them all as one orbax checkpoint."""
 
     def __init__(self, directory: Path):
         self.path = Path(directory) / PARAMS_DIR
         self._ctx = _save_context()
+        _return_freed_memory_to_os()
 
-    def add(self, path: ParamPath, array) -> None:
-        tree: dict = {}
-        set_path(tree, path, array)
+    def save(self, params: Mapping) -> None:
+        """Write a (partial) parameter tree now; its arrays may be reused or freed when this returns."""
         with self._ctx:
-            partial.save(self.path, _to_orbax(tree))
+            partial.save(self.path, _to_orbax(params))
 
     def finish(self) -> None:
         absl = logging.getLogger("absl")
@@ -101,8 +124,10 @@ def save_orbax_checkpoint(directory: str | Path, params: Mapping, config: ModelC
     """Write an in-memory parameter tree (numpy or jax arrays) as an m1jax orbax checkpoint."""
     with staged_directory(directory, overwrite) as stage:
         writer = ParamWriter(stage)
+        tree: dict = {}
         for spec in param_specs(config):
-            writer.add(spec.path, get_path(params, spec.path))
+            set_path(tree, spec.path, get_path(params, spec.path))
+        writer.save(tree)
         writer.finish()
         write_config(stage, config, hf_config)
 
@@ -198,6 +223,7 @@ def param_reader(path: str | Path) -> Callable[[ParamPath], np.ndarray]:
     """A function reading one stored parameter as a host numpy array: what an exporter needs to stay bounded."""
     path = Path(path)
     meta = _metadata(path)
+    _return_freed_memory_to_os()
     ctx = ocp.Context()
     ctx.pytree.loading.partial_load = True
 

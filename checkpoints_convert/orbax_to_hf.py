@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from checkpoints_convert.hf_to_orbax import Totals
+from checkpoints_convert.hf_to_orbax import Totals, group_by_size
 from checkpoints_convert.orbax_checkpoint import param_reader, read_config, read_hf_config, stored_params
 from checkpoints_convert.staging import check_destination, staged_directory
 from m1jax.config import ModelConfig
-from m1jax.weights import (INDEX_FILE, CheckpointError, iter_hf_tensors_from, param_specs, safetensors_dtype)
+from m1jax.weights import (INDEX_FILE, ROUTER_SUFFIXES, CheckpointError, iter_hf_tensors_from, param_specs,
+                           safetensors_dtype)
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -41,25 +42,13 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-def plan_shards(entries: list[tuple[str, tuple[int, ...], np.dtype]], max_bytes: int) -> list[list]:
-    """Split (name, shape, dtype) entries, in order, into consecutive shards of at most `max_bytes`."""
-    shards, size = [[]], 0
-    for entry in entries:
-        nbytes = math.prod(entry[1]) * np.dtype(entry[2]).itemsize
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(entry)
-        size += nbytes
-    return shards
-
-
-def _header(entries) -> bytes:
+def safetensors_header(entries) -> bytes:
     """A safetensors header for `entries` laid out back to back, padded to 8 bytes as the format asks."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape, dtype in entries:
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": safetensors_dtype(dtype), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": safetensors_dtype(dtype), "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -73,7 +62,8 @@ def export_hf_config(config: ModelConfig, source: dict | None) -> dict:
         kinds = {"lightning": "linear_attention", "softmax": "full_attention"}
         source = {**config.to_hf(), "model_type": "minimax", "architectures": ["MiniMaxForCausalLM"],
                   "layer_types": [kinds[t] for t in config.layer_types],
-                  "linear_attn_alpha_factor": config.linear_attn_alpha, "linear_attn_beta_factor": config.linear_attn_beta,
+                  "linear_attn_alpha_factor": config.linear_attn_alpha,
+                  "linear_attn_beta_factor": config.linear_attn_beta,
                   "full_attn_alpha_factor": config.full_attn_alpha, "full_attn_beta_factor": config.full_attn_beta,
                   "mlp_alpha_factor": config.mlp_alpha, "mlp_beta_factor": config.mlp_beta,
                   "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta}}
@@ -97,7 +87,7 @@ def convert_orbax_to_hf(src: str | Path, dst: str | Path, *, max_shard_size: str
     if problems:
         raise CheckpointError(f"{src}: parameters do not match its config:\n  " + "\n  ".join(problems))
     check_destination(dst, overwrite)
-    shards = plan_shards(entries, max_bytes)
+    shards = group_by_size(entries, [math.prod(shape) * np.dtype(dt).itemsize for _, shape, dt in entries], max_bytes)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     total = sum(math.prod(shape) * np.dtype(dt).itemsize for _, shape, dt in entries)
     start = time.perf_counter()
@@ -107,7 +97,7 @@ def convert_orbax_to_hf(src: str | Path, dst: str | Path, *, max_shard_size: str
                  disable=not progress) as bar:
         for file, shard in zip(names, shards):
             with open(stage / file, "wb") as f:
-                f.write(_header(shard))
+                f.write(safetensors_header(shard))
                 for name, _, _ in shard:
                     got, array = next(tensors)
                     assert got == name, (got, name)  # the plan and the stream follow the same order
@@ -117,6 +107,6 @@ def convert_orbax_to_hf(src: str | Path, dst: str | Path, *, max_shard_size: str
         (stage / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                    indent=2) + "\n")
         (stage / "config.json").write_text(json.dumps(export_hf_config(config, read_hf_config(src)), indent=2) + "\n")
-    routers = {str(dt) for name, _, dt in entries if name.endswith("moe.gate.weight")}
+    routers = {str(dt) for name, _, dt in entries if name.endswith(ROUTER_SUFFIXES)}
     return Totals(len(entries), len(shards), total, sum(math.prod(s) for _, s, _ in entries), "original",
                   "/".join(sorted(routers)), time.perf_counter() - start)

@@ -239,7 +239,7 @@ def create_app(engine: Engine, *, model_id: str, limits: Limits) -> FastAPI:
         prompt = svc.encode(_field(body, "input", (str, list), what="a string, token ids or chat messages"),
                             "input")
         window = _int(body, "context_window", None, lo=1, hi=limits.max_context, hi_why="the model's limit")
-        max_out = _int(body, "max_output_tokens", 256, lo=0, hi=limits.max_output_tokens,
+        max_out = _int(body, "max_output_tokens", min(256, limits.max_output_tokens), lo=0, hi=limits.max_output_tokens,
                        hi_why="the server's max_output_tokens")
         thinking = _int(body, "thinking_budget", None, lo=0)
         req = EngineRequest(prompt, svc.budget(prompt, max_out, window), **svc.sampling(body, 1.0, 1.0),
@@ -266,7 +266,7 @@ def create_app(engine: Engine, *, model_id: str, limits: Limits) -> FastAPI:
         if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], (str, list)):
             raw = raw[0]  # a batch of one prompt
         prompt = svc.encode(raw, "prompt")
-        max_out = _int(body, "max_tokens", 16, lo=0, hi=limits.max_output_tokens,
+        max_out = _int(body, "max_tokens", min(16, limits.max_output_tokens), lo=0, hi=limits.max_output_tokens,
                        hi_why="the server's max_output_tokens")
         req = EngineRequest(prompt, svc.budget(prompt, max_out, None), **svc.sampling(body, 1.0, 1.0))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from m1jax.config import ModelConfig
 
@@ -47,21 +47,34 @@ def cache_shapes(config: ModelConfig, batch: int, max_len: int) -> dict:
     }
 
 
-def cache_shardings(config: ModelConfig, mesh: Mesh, batch_axes=("data", "fsdp"), head_axes=("tensor",)) -> dict:
-    """NamedShardings laid out like the activations: batch over `batch_axes`, heads over `head_axes`.
+def cache_axes(config: ModelConfig) -> dict:
+    """Logical axis names of every cache leaf (m1jax.sharding's rules map them to mesh axes)."""
+    kv = ("layers", "batch", "length", "kv_heads", None)
+    layers = {j: ("layers", "batch", "heads", None, None) if kind == "lightning" else (kv, kv)
+              for j, kind in enumerate(config.cycle)}
+    return {"layers": layers, "key_valid": ("batch", "length"), "offset": (), "next_position": ("batch",)}
 
-    Axis names the mesh does not have are dropped, so the same call works on any mesh of the project's axes.
+
+def _axis_leaves(tree):
+    return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(n, (str, type(None)))
+                                                                             for n in x))
+
+
+def cache_shardings(config: ModelConfig, mesh: Mesh, batch: int | None = None, max_len: int | None = None) -> dict:
+    """NamedShardings laid out like the activations: rows over the batch axes, heads over the tensor axis.
+
+    With `batch` and `max_len`, every dimension is first checked to divide over its mesh axes.
     """
-    present = lambda axes: tuple(a for a in axes if a in mesh.axis_names) or None
-    b, h = present(batch_axes), present(head_axes)
-    named = lambda *spec: NamedSharding(mesh, P(*spec))
-    layers = {}
-    for j, kind in enumerate(config.cycle):
-        if kind == "lightning":
-            layers[j] = named(None, b, h, None, None)
-        else:
-            layers[j] = (named(None, b, None, h, None),) * 2
-    return {"layers": layers, "key_valid": named(b, None), "offset": named(), "next_position": named(b)}
+    from m1jax.sharding import check_divisible, logical_spec
+
+    sizes = dict(mesh.shape)
+    axes = cache_axes(config)
+    if batch is not None and max_len is not None:
+        shapes = jax.tree.leaves(cache_shapes(config, batch, max_len))
+        for names, shape in zip(_axis_leaves(axes), shapes):
+            check_divisible(f"cache buffer {shape.shape}", shape.shape, names, sizes)
+    specs = [NamedSharding(mesh, logical_spec(names, sizes)) for names in _axis_leaves(axes)]
+    return jax.tree.unflatten(jax.tree.structure(cache_shapes(config, 1, 1)), specs)
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, *, mesh: Mesh | None = None,
@@ -75,7 +88,7 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, *, mesh: Mesh | No
         raise ValueError(f"init_cache: batch and max_len must be positive, got batch={batch}, max_len={max_len}")
     shapes = cache_shapes(config, batch, max_len)
     if shardings is None and mesh is not None:
-        shardings = cache_shardings(config, mesh)
+        shardings = cache_shardings(config, mesh, batch, max_len)
     zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     return (jax.jit(zeros) if shardings is None else jax.jit(zeros, out_shardings=shardings))()
 

@@ -89,6 +89,31 @@ def prefill_step(model: M1Model, cache: dict, tokens: Int[Array, "batch chunk"],
     return (out.logits[:, -1], out.cache) + _row_counts(out.router)
 
 
+def prefill(model: M1Model, cache: dict, tokens: Int[Array, "batch len"], mask: Bool[Array, "batch len"] | None = None,
+            *, chunk_size: int = 2048, expert_threshold=None, dispatch: str = "ragged"):
+    """Append a (left-padded) prompt to the cache chunk by chunk: peak activation memory follows `chunk_size`.
+
+    The first chunk takes the remainder, so left padding only ever precedes real tokens (where a zero lightning
+    state stays zero); every chunk is one `prefill_step` call. Returns what `prefill_step` returns, with the
+    routing counts summed over the chunks.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"prefill chunk_size must be positive, got {chunk_size}")
+    tokens = np.asarray(tokens, np.int32)  # sliced on the host: no compile per chunk boundary
+    b, width = tokens.shape
+    mask = np.ones((b, width), bool) if mask is None else np.asarray(mask, bool)
+    threshold = jnp.broadcast_to(jnp.asarray(0.0 if expert_threshold is None else expert_threshold, jnp.float32),
+                                 (b,))
+    first = width - (-(-width // chunk_size) - 1) * chunk_size
+    bounds = [0] + list(range(first, width + 1, chunk_size))
+    routing = skipped = 0
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        logits, cache, r, s = prefill_step(model, cache, tokens[:, lo:hi], mask[:, lo:hi], threshold,
+                                           dispatch=dispatch)
+        routing, skipped = routing + r, skipped + s
+    return logits, cache, routing, skipped
+
+
 @functools.partial(jax.jit, static_argnames=("dispatch",), donate_argnames=("cache",))
 def decode_step(model: M1Model, cache: dict, tokens: Int[Array, " batch"], dispatch: str = "ragged"):
     """One token per row through the model: (next-token logits [batch, vocab] fp32, cache)."""
@@ -250,12 +275,15 @@ class Generation:
     `thinking_budget`, `expert_threshold`) take a scalar or one value per row; row i samples with seed
     `seed + i` when `seed` is a scalar, so a row gives the same tokens whatever batch it runs in.
     `min_batch`, `min_prompt_len`, `min_new_tokens` pad the shapes up to buckets, so that servers reuse compiles.
+    `mesh`: create the cache sharded like the activations (for a model whose parameters live on that mesh).
+    A `cache` passed in is consumed (its buffers are donated to the computation).
     """
 
     def __init__(self, model: M1Model, prompts, *, attention_mask=None, max_new_tokens=64, temperature=0.0,
                  top_k=0, top_p=1.0, seed=0, stop_token_ids: Sequence[int] | None = None,
-                 stop_strings: Sequence[str] | Sequence[Sequence[str]] = (), thinking_budget=None, think_ids: tuple[int, int] | None = None,
-                 expert_threshold=None, tokenizer=None, cache: dict | None = None, prefill_chunk: int = 2048,
+                 stop_strings: Sequence[str] | Sequence[Sequence[str]] = (), thinking_budget=None,
+                 think_ids: tuple[int, int] | None = None, expert_threshold=None, tokenizer=None,
+                 cache: dict | None = None, prefill_chunk: int = 2048, mesh=None,
                  min_batch: int = 1, min_prompt_len: int = 1, min_new_tokens: int = 1, dispatch: str = "ragged"):
         cfg = model.config
         self.model, self.tokenizer, self.dispatch = model, tokenizer, dispatch
@@ -291,7 +319,8 @@ class Generation:
         if all(isinstance(x, str) for x in stop_strings):
             stop_strings = [stop_strings] * rows
         if len(stop_strings) != rows:
-            raise ValueError(f"stop_strings: one list for all prompts or one per prompt ({rows}), got {len(stop_strings)}")
+            raise ValueError(f"stop_strings: one list for all prompts or one per prompt ({rows}), "
+                             f"got {len(stop_strings)}")
         if any(stop_strings) and tokenizer is None:
             raise ValueError("stop strings need a tokenizer to decode the output")
         self.pad_id = self.stop_token_ids[0] if self.stop_token_ids else 0
@@ -314,7 +343,7 @@ class Generation:
 
         # prefill
         if cache is None:
-            cache = init_cache(cfg, batch, width + self.steps)
+            cache = init_cache(cfg, batch, width + self.steps, mesh=mesh)
         else:
             if cache["key_valid"].shape[0] != batch:
                 raise ValueError(f"the cache holds {cache['key_valid'].shape[0]} sequences; the input has {batch}")
@@ -324,7 +353,8 @@ class Generation:
             need = int(cache["offset"]) + width + self.steps
             if cache_capacity(cache) < need:
                 cache = resize_cache(cache, need)
-        logits, cache, prompt_routing, skipped = self._prefill(cache, tokens, mask, threshold, prefill_chunk)
+        logits, cache, prompt_routing, skipped = prefill(model, cache, tokens, mask, chunk_size=prefill_chunk,
+                                                         expert_threshold=threshold, dispatch=dispatch)
         self.prompt_routing = prompt_routing
 
         in_think = np.zeros(batch, bool)
@@ -352,22 +382,6 @@ class Generation:
         self._cut = np.full(rows, -1, np.int64)  # generated length after a stop string, -1 if none
         self._finished = np.asarray(budget[:rows] <= 0)
         self._reasons: list[str | None] = ["length" if f else None for f in self._finished]
-
-    def _prefill(self, cache, tokens, mask, threshold, chunk):
-        """Chunk by chunk, the first chunk taking the remainder (it holds the left padding, where a zero state
-        stays zero); every chunk is one `prefill_step` call."""
-        if chunk <= 0:
-            raise ValueError(f"prefill_chunk must be positive, got {chunk}")
-        width = tokens.shape[1]
-        first = width - (-(-width // chunk) - 1) * chunk
-        bounds = [0] + list(range(first, width + 1, chunk))
-        threshold = jnp.asarray(threshold)
-        routing = skipped = 0
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            logits, cache, r, s = prefill_step(self.model, cache, jnp.asarray(tokens[:, a:b]),
-                                               jnp.asarray(mask[:, a:b]), threshold, dispatch=self.dispatch)
-            routing, skipped = routing + r, skipped + s
-        return logits, cache, routing, skipped
 
     @property
     def done(self) -> bool:
@@ -441,13 +455,14 @@ class Generation:
 def generate(model: M1Model, inputs, *, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, seed=0,
              stop=None, thinking_budget=None, tokenizer=None, expert_threshold=None, attention_mask=None,
              cache: dict | None = None, prefill_chunk: int = 2048, chat: bool = False,
-             dispatch: str = "ragged") -> GenerationOutput:
+             think_ids: tuple[int, int] | None = None, mesh=None, dispatch: str = "ragged") -> GenerationOutput:
     """Generate continuations of a batch of prompts; see `Generation` for the per-row settings.
 
     inputs: a string or list of strings (needs `tokenizer`; with `chat=True` each string is a user message
     rendered with M1's chat template), a list of ids, a list of id lists, or an int array [batch, len]
     (left-padded, with `attention_mask`). `stop`: stop strings and/or stop token ids (default stop ids: the
     tokenizer's, else config.eos_token_id). `cache`: continue after the tokens already in this cache.
+    `think_ids`: the (<think>, </think>) ids for `thinking_budget` (default: looked up in the tokenizer).
     """
     prompts = encode_prompts(inputs, tokenizer, chat)
     stop = [] if stop is None else [stop] if isinstance(stop, (str, int)) else list(stop)
@@ -459,8 +474,8 @@ def generate(model: M1Model, inputs, *, max_new_tokens=64, temperature=0.0, top_
     run = Generation(model, prompts, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                      stop_token_ids=tuple(defaults) + tuple(stop_ids), stop_strings=stop_strings,
-                     thinking_budget=thinking_budget, expert_threshold=expert_threshold, tokenizer=tokenizer,
-                     cache=cache, prefill_chunk=prefill_chunk, dispatch=dispatch)
+                     thinking_budget=thinking_budget, think_ids=think_ids, expert_threshold=expert_threshold,
+                     tokenizer=tokenizer, cache=cache, prefill_chunk=prefill_chunk, mesh=mesh, dispatch=dispatch)
     if stop_strings:  # check stop strings every few tokens so rows can finish early
         for _ in run.stream(32):
             pass

@@ -14,11 +14,11 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from m1jax.config import ModelConfig
 
@@ -86,7 +86,7 @@ def mesh_shape(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *
                                 f"the other axes' product {known}")
         sizes[fill[0]] = devices // known
     elif known != devices:
-        raise ShardingError(f"mesh {_fmt(sizes)} has {known} devices but {devices} are available "
+        raise ShardingError(f"mesh {format_mesh(sizes)} has {known} devices but {devices} are available "
                             f"(the product must match; use -1 for one axis to fill it)")
     return sizes
 
@@ -100,16 +100,7 @@ def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *,
                          devices=devices)
 
 
-def abstract_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *,
-                  devices: int | None = None) -> AbstractMesh:
-    """The same mesh without devices (any size): for planning and tracing only."""
-    sizes = mesh_shape(data, fsdp, expert, tensor,
-                       devices=devices if devices is not None else math.prod(max(s, 1) for s in
-                                                                             (data, fsdp, expert, tensor)))
-    return AbstractMesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES))
-
-
-def _fmt(sizes: Mapping[str, int]) -> str:
+def format_mesh(sizes: Mapping[str, int]) -> str:
     return " ".join(f"{a}={s}" for a, s in sizes.items())
 
 
@@ -206,28 +197,41 @@ def param_shardings(config: ModelConfig, mesh: Mesh, *, announce: bool = True) -
 
 
 # ---- accounting ----------------------------------------------------------------------------------
-def per_device_shape(shape: Sequence[int], spec: PartitionSpec, mesh_sizes: Mapping[str, int]) -> tuple[int, ...]:
-    def parts(axes):
-        axes = (axes,) if isinstance(axes, str) else (axes or ())
-        return math.prod(mesh_sizes[a] for a in axes)
-    return tuple(d // parts(p) for d, p in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))))
+class ParamInfo(NamedTuple):
+    path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    names: tuple[str, ...]  # logical axes
+    spec: PartitionSpec
+    local_shape: tuple[int, ...]  # the shard each device holds
+
+
+def param_table(config: ModelConfig, mesh_sizes: Mapping[str, int]) -> list[ParamInfo]:
+    """Every parameter with its logical axes, PartitionSpec and per-device shard shape (no allocation)."""
+    sizes = {a: mesh_sizes.get(a, 1) for a in AXES}
+    validate(config, sizes)
+    abstract = jax.tree_util.tree_flatten_with_path(_abstract_params(config))[0]
+    names = jax.tree.leaves(param_logical_axes(config), is_leaf=lambda x: isinstance(x, tuple))
+    rows = []
+    for (path, a), n in zip(abstract, names):
+        spec = logical_spec(n, sizes)
+        parts = [math.prod(sizes[ax] for ax in mesh_axes(name, sizes)) for name in n]
+        rows.append(ParamInfo("/".join(str(getattr(k, "key", k)) for k in path), tuple(a.shape), np.dtype(a.dtype),
+                              n, spec, tuple(d // q for d, q in zip(a.shape, parts))))
+    return rows
+
+
+def is_expert_weight(info: ParamInfo) -> bool:
+    return "experts" in info.names
 
 
 def param_bytes(config: ModelConfig, mesh_sizes: Mapping[str, int]) -> dict[str, int]:
-    """Parameter bytes: total and per device, split into routed experts (w1/w2/w3) and everything else."""
-    validate(config, mesh_sizes)
-    out = {"total": 0, "per_device": 0, "experts_total": 0, "experts_per_device": 0, "per_device_elements": 0}
-    abstract = jax.tree_util.tree_flatten_with_path(_abstract_params(config))[0]
-    specs = jax.tree.leaves(param_specs(config, mesh_sizes), is_leaf=lambda x: isinstance(x, PartitionSpec))
-    for (path, a), spec in zip(abstract, specs):
-        local = math.prod(per_device_shape(a.shape, spec, mesh_sizes))
-        total, per_dev = math.prod(a.shape) * a.dtype.itemsize, local * a.dtype.itemsize
-        out["total"] += total
-        out["per_device"] += per_dev
-        out["per_device_elements"] += local
-        if getattr(path[-1], "key", None) in ("w1", "w2", "w3"):
-            out["experts_total"] += total
-            out["experts_per_device"] += per_dev
+    """Parameter bytes, total and per device, for the routed experts (w1/w2/w3) and everything else."""
+    out = dict.fromkeys(("experts_total", "experts_per_device", "other_total", "other_per_device"), 0)
+    for p in param_table(config, mesh_sizes):
+        kind = "experts" if is_expert_weight(p) else "other"
+        out[f"{kind}_total"] += math.prod(p.shape) * p.dtype.itemsize
+        out[f"{kind}_per_device"] += math.prod(p.local_shape) * p.dtype.itemsize
     return out
 
 
@@ -235,30 +239,36 @@ def layout_report(config: ModelConfig, mesh_sizes: Mapping[str, int]) -> str:
     """The effective parallel layout in a few lines: what the mesh does to this model."""
     sizes = {a: mesh_sizes.get(a, 1) for a in AXES}
     b = param_bytes(config, sizes)
-    ep, tp = math.prod(sizes[a] for a in RULES["experts"]), math.prod(sizes[a] for a in RULES["mlp"])
-    batch_parts = math.prod(sizes[a] for a in RULES["batch"])
+    total, per_device = b["experts_total"] + b["other_total"], b["experts_per_device"] + b["other_per_device"]
+
+    def split(name: str, n: int) -> str:
+        axes = mesh_axes(name, sizes)
+        parts = math.prod(sizes[a] for a in axes)
+        return f"{n} -> {n // parts} per device (over {' * '.join(f'{a}={sizes[a]}' for a in axes) or 'nothing'})"
+
     return "\n".join([
-        f"m1jax mesh: {_fmt(sizes)} ({math.prod(sizes.values())} devices)",
-        f"  experts: {config.num_experts} per layer, {config.num_experts // ep} per device "
-        f"(split over {RULES['experts']}), expert width {config.intermediate_size} -> "
-        f"{config.intermediate_size // tp} per device (over {RULES['mlp']})",
-        f"  attention heads {config.num_heads} / KV heads {config.num_kv_heads} -> "
-        f"{config.num_heads // sizes['tensor']} / {config.num_kv_heads // sizes['tensor']} per device; "
-        f"parameters' embed dim over fsdp={sizes['fsdp']}; batch split {batch_parts} ways {RULES['batch']}",
-        f"  parameters per device: {b['per_device'] / 1e9:.3f} GB of {b['total'] / 1e9:.3f} GB "
-        f"(experts {b['experts_per_device'] / 1e9:.3f} GB, other {(b['per_device'] - b['experts_per_device']) / 1e9:.3f} GB)",
+        f"m1jax mesh: {format_mesh(sizes)} ({math.prod(sizes.values())} devices)",
+        f"  experts per layer {split('experts', config.num_experts)}; "
+        f"expert width {split('mlp', config.intermediate_size)}",
+        f"  heads {split('heads', config.num_heads)}; KV heads {split('kv_heads', config.num_kv_heads)}; "
+        f"hidden dim of parameters {split('embed', config.hidden_size)}",
+        f"  batch split {math.prod(sizes[a] for a in mesh_axes('batch', sizes))} ways over {RULES['batch']}",
+        f"  parameters per device: {format_bytes(per_device)} of {format_bytes(total)} "
+        f"(experts {format_bytes(b['experts_per_device'])}, other {format_bytes(b['other_per_device'])})",
     ])
+
+
+def format_bytes(n: float) -> str:
+    """Decimal units (1 GB = 1e9 bytes), as GPU memory sizes are quoted."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
 
 
 def spec_listing(config: ModelConfig, mesh_sizes: Mapping[str, int]) -> str:
     """One line per parameter: path, shape, dtype, logical axes, PartitionSpec, per-device shape (for goldens)."""
-    sizes = {a: mesh_sizes.get(a, 1) for a in AXES}
-    abstract = jax.tree_util.tree_flatten_with_path(_abstract_params(config))[0]
-    names = jax.tree.leaves(param_logical_axes(config), is_leaf=lambda x: isinstance(x, tuple))
-    specs = jax.tree.leaves(param_specs(config, sizes), is_leaf=lambda x: isinstance(x, PartitionSpec))
-    lines = [f"# mesh {_fmt(sizes)}"]
-    for (path, a), n, spec in zip(abstract, names, specs):
-        key = "/".join(str(getattr(k, "key", k)) for k in path)
-        lines.append(f"{key} {list(a.shape)} {np.dtype(a.dtype).name} {list(n)} {spec} "
-                     f"-> {list(per_device_shape(a.shape, spec, sizes))}")
+    lines = [f"# mesh {format_mesh({a: mesh_sizes.get(a, 1) for a in AXES})}"]
+    lines += [f"{p.path} {list(p.shape)} {p.dtype.name} {list(p.names)} {p.spec} -> {list(p.local_shape)}"
+              for p in param_table(config, mesh_sizes)]
     return "\n".join(lines) + "\n"

@@ -26,7 +26,6 @@ import dataclasses
 import json
 import math
 import mmap
-import os
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -47,6 +46,7 @@ SINGLE_FILE = "model.safetensors"
 IGNORED_SUFFIXES = (".self_attn.slope_rate", ".self_attn.query_decay", ".self_attn.key_decay",
                     ".self_attn.diagonal_decay")
 ROUTER = "router"
+ROUTER_SUFFIXES = ("block_sparse_moe.gate.weight", "mlp.gate.weight")  # its HF names in the two layouts
 
 # safetensors dtype name -> numpy dtype; None: valid in the format but not a weight dtype the model can take.
 _ST_DTYPES: dict[str, np.dtype | None] = {
@@ -58,6 +58,7 @@ _ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 
                 "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items() if v is not None}
 _MAX_HEADER = 100 * 2**20
+_SLAB = 16 * 2**20  # bytes of a mapped tensor copied between releases of its pages
 _TILE = 16  # rows per step of the transposed copy: keeps numpy's strided reads inside L1 (measured best on x86)
 
 
@@ -142,8 +143,8 @@ def scan_checkpoint(directory: str | Path) -> dict[str, TensorInfo]:
         by_file.setdefault(file, []).append(name)
     missing_files = sorted(f for f in by_file if not (directory / f).exists())
     if missing_files:
-        raise CheckpointError(f"{index_path}: shard file(s) missing: " + "; ".join(
-            f"{f} (holds {len(by_file[f])} tensors, e.g. {by_file[f][0]})" for f in missing_files))
+        raise CheckpointError(f"{index_path}: shard file(s) missing:\n  " + "\n  ".join(
+            f"{f}, which should hold {', '.join(by_file[f])}" for f in missing_files))
     tensors, problems = {}, []
     for file, names in sorted(by_file.items()):
         header = read_safetensors_header(directory / file)
@@ -286,27 +287,59 @@ def check_checkpoint(tensors: Mapping[str, TensorInfo], config: ModelConfig,
         if t.shape != shape:
             problems.append(f"shape: {name} in {t.file.name} is {list(t.shape)}, config expects {list(shape)}")
     if problems:
-        n_shape = sum(p.startswith("shape:") for p in problems)
-        hint = " (config.json disagrees with the tensors)" if n_shape else ""
-        raise CheckpointError(f"{where}: {len(problems)} problem(s) for a {layout}-layout checkpoint{hint}:\n  "
-                              + "\n  ".join(problems))
+        hint = "; config.json disagrees with the tensors" if sum(p.startswith("shape:") for p in problems) > 1 else ""
+        raise CheckpointError(f"{where} does not match its config ({layout} tensor names), "
+                              f"{len(problems)} problem(s){hint}:\n  " + "\n  ".join(problems))
     return layout, param_specs(config, layout)
 
 
 # ---- streaming parameters out of a checkpoint ---------------------------------------------------
-def _map_tensor(info: TensorInfo) -> np.ndarray:
-    """A read-only memory-mapped view of one tensor; the kernel starts reading it ahead right away."""
-    if info.nbytes == 0:
-        return np.empty(info.shape, info.dtype)
-    base = info.start - info.start % mmap.ALLOCATIONGRANULARITY
-    with open(info.file, "rb") as f:
-        mm = mmap.mmap(f.fileno(), info.end - base, offset=base, access=mmap.ACCESS_READ)
-    mm.madvise(mmap.MADV_WILLNEED)
-    return np.frombuffer(mm, info.dtype, math.prod(info.shape), info.start - base).reshape(info.shape)
+class _MappedTensor:
+    """A read-only memory map of one tensor. The kernel starts reading it ahead as soon as it is mapped, and
+    `release` drops copied parts from this process (they stay in the page cache), so RSS does not grow with it."""
+
+    def __init__(self, info: TensorInfo):
+        self._base = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+        self._delta = info.start - self._base
+        if info.nbytes == 0:
+            self._mm, self.array = None, np.empty(info.shape, info.dtype)
+            return
+        with open(info.file, "rb") as f:
+            self._mm = mmap.mmap(f.fileno(), info.end - self._base, offset=self._base, access=mmap.ACCESS_READ)
+        self._mm.madvise(mmap.MADV_WILLNEED)
+        self.array = np.frombuffer(self._mm, info.dtype, math.prod(info.shape), self._delta).reshape(info.shape)
+
+    def release(self, begin: int, end: int) -> None:
+        """Unmap the pages holding bytes [begin, end) of the tensor."""
+        if self._mm is None:
+            return
+        start = (self._delta + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        stop = min(self._delta + end, len(self._mm))
+        if stop > start:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+
+def _fill(dst: np.ndarray, mapped: _MappedTensor, piece: Piece, transposed: bool) -> None:
+    """Copy a mapped HF tensor into its block in slabs along its first axis, releasing each slab once copied."""
+    src = mapped.array
+    if src.ndim < 2:
+        copy_block(dst, src, transposed)
+        return
+    row = src[0].nbytes
+    step = max(1, _SLAB // max(row, 1))
+    for i in range(0, src.shape[0], step):
+        part = src[i:i + step]
+        if piece.rows is not None:
+            part = part[..., piece.rows[0]:piece.rows[1], :]
+        copy_block(dst[..., i:i + step] if transposed and src.ndim == 2 else dst[i:i + step], part, transposed)
+        mapped.release(i * row, (i + step) * row)
 
 
 def copy_block(dst: np.ndarray, src: np.ndarray, transposed: bool) -> None:
     """dst[...] = src (transposed: with src's last two axes swapped), casting; tiled so transposes run fast."""
+    if src.dtype == dst.dtype:  # copy bits: numpy holds the GIL and runs slower for ml_dtypes' bfloat16
+        raw = np.dtype(f"u{src.dtype.itemsize}")
+        src, dst = src.view(raw), dst.view(raw)
     if not transposed:
         np.copyto(dst, src, casting="unsafe")
         return
@@ -314,31 +347,34 @@ def copy_block(dst: np.ndarray, src: np.ndarray, transposed: bool) -> None:
         np.copyto(dst[..., i:i + _TILE], np.swapaxes(src[..., i:i + _TILE, :], -1, -2), casting="unsafe")
 
 
+def param_dtype(spec: ParamSpec, tensors: Mapping[str, TensorInfo], dtype=None, router_dtype=None) -> np.dtype:
+    """`dtype` (default: the spec's), except that the router keeps its stored dtype unless `router_dtype`."""
+    if spec.is_router:
+        return np.dtype(router_dtype) if router_dtype else np.result_type(*(tensors[p.name].dtype for p in spec.pieces))
+    return np.dtype(dtype) if dtype else spec.dtype
+
+
 def iter_params(tensors: Mapping[str, TensorInfo], specs: list[ParamSpec], *, dtype=None, router_dtype=None,
-                on_tensor: Callable[[TensorInfo], None] | None = None) -> Iterator[tuple[ParamSpec, np.ndarray]]:
+                on_piece: Callable[[TensorInfo, int], None] | None = None) -> Iterator[tuple[ParamSpec, np.ndarray]]:
     """Yield (spec, host array) one parameter at a time, each built in a fresh buffer from memory-mapped tensors.
 
     `dtype` (default: each spec's) applies to every parameter but the router, which keeps its stored dtype
-    unless `router_dtype` is given. The consumer should drop each array before asking for the next.
+    unless `router_dtype` is given. `on_piece(tensor, bytes read)` reports progress. The consumer should drop
+    each array before asking for the next: then host memory holds one parameter and a slab of one tensor.
     """
     for spec in specs:
         stored = [tensors[p.name] for p in spec.pieces]
-        if spec.is_router:
-            target = np.dtype(router_dtype) if router_dtype else np.result_type(*(t.dtype for t in stored))
-        else:
-            target = np.dtype(dtype) if dtype else spec.dtype
-        buf = np.empty(spec.shape, target)
-        order = sorted(range(len(stored)), key=lambda i: (stored[i].file, stored[i].start))
-        pending = _map_tensor(stored[order[0]])
+        buf = np.empty(spec.shape, param_dtype(spec, tensors, dtype, router_dtype))
+        order = sorted(range(len(stored)), key=lambda i: (stored[i].file, stored[i].start))  # sequential reads
+        upcoming = _MappedTensor(stored[order[0]])
         for k, i in enumerate(order):
-            current, piece = pending, spec.pieces[i]
-            pending = _map_tensor(stored[order[k + 1]]) if k + 1 < len(order) else None  # read ahead
-            if piece.rows is not None:
-                current = current[..., piece.rows[0]:piece.rows[1], :]
-            copy_block(buf[piece.index], current, spec.transposed)
+            current, piece = upcoming, spec.pieces[i]
+            upcoming = _MappedTensor(stored[order[k + 1]]) if k + 1 < len(order) else None  # the kernel reads ahead
+            _fill(buf[piece.index], current, piece, spec.transposed)
             del current
-            if on_tensor is not None:
-                on_tensor(stored[i])
+            if on_piece is not None:
+                share = 1.0 if piece.rows is None else (piece.rows[1] - piece.rows[0]) / piece.shape[-2]
+                on_piece(stored[i], round(stored[i].nbytes * share))
         yield spec, buf
         del buf
 

@@ -10,7 +10,7 @@ from jaxtyping import Array, Float, Int
 from m1jax.config import ModelConfig, alibi_slopes
 from m1jax.layers.common import ACTIVATIONS, dense_param
 from m1jax.layers.norms import rms_norm
-from pallas_kernels import lightning_attention
+from pallas_kernels import lightning_attention, lightning_decode_step
 
 
 def lightning_slopes(config: ModelConfig) -> np.ndarray:
@@ -51,8 +51,13 @@ class LightningAttention(nnx.Module):
         if token_mask is not None:  # pads contribute nothing to the state (left padding keeps it zero)
             m = token_mask[:, :, None, None].astype(q.dtype)
             q, k, v = q * m, k * m, v * m
-        o, new_state = lightning_attention(q, k, v, slopes, initial_state=state, segment_ids=segment_ids,
-                                           impl=cfg.lightning_impl, chunk_size=cfg.block_size)
+        if n == 1 and state is not None:  # a decode step: one state update, no chunk padding
+            o, new_state = lightning_decode_step(q[:, 0], k[:, 0], v[:, 0], slopes, state,
+                                                 impl=cfg.lightning_impl)
+            o = o[:, None]
+        else:
+            o, new_state = lightning_attention(q, k, v, slopes, initial_state=state, segment_ids=segment_ids,
+                                               impl=cfg.lightning_impl, chunk_size=cfg.block_size)
         y = rms_norm(o.reshape(b, n, -1), self.norm[...], cfg.lightning_norm_eps)
         gate = jax.nn.sigmoid(h @ self.output_gate[...])
         return (gate * y) @ self.out_proj[...], new_state

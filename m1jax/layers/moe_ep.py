@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
-from m1jax.sharding import ShardingError, mesh_axes
+from m1jax.sharding import ShardingError, logical_spec, mesh_axes
 
 TRANSPORTS = ("auto", "ragged", "padded")
 
@@ -119,11 +119,10 @@ class ExpertParallel:
             _expert_parallel_local, act=act, num_experts=num_experts, capacity_factor=self.capacity_factor,
             transport=transport, grouped_matmul=self.grouped_matmul or default_grouped_matmul(),
             token_axes=token_axes, expert_axes=expert_axes, width_axes=width_axes)
-        tok = P(token_axes or None, None)
+        spec = lambda *names: logical_spec(names, mesh.shape)  # expert weights: gathered over fsdp here
+        tok, w13 = spec("tokens", None), spec("experts", None, "mlp")
         y, dropped = jax.shard_map(
-            local, mesh=mesh,
-            in_specs=(tok, tok, tok, P(token_axes or None), P(expert_axes or None, None, width_axes or None),
-                      P(expert_axes or None, None, width_axes or None), P(expert_axes or None, width_axes or None, None)),
+            local, mesh=mesh, in_specs=(tok, tok, tok, spec("tokens"), w13, w13, spec("experts", "mlp", None)),
             out_specs=(tok, P()),
         )(x, weights, experts, token_mask.astype(bool), w1, w3, w2)
         return y[:t], dropped

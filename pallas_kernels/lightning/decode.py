@@ -52,7 +52,7 @@ def lightning_decode_step_pallas(q, k, v, slopes, state, *, backend: str, interp
     dv = v.shape[-1]
     if backend == "gpu":
         check_shapes(dk, dv)
-        block_v, params = min(dv, 64), plt.CompilerParams(num_warps=4, num_stages=1)
+        block_v, params = min(dv, 64), plt.CompilerParams(num_warps=8, num_stages=1)
     else:
         block_v, params = dv, pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
         interpret = pltpu.InterpretParams() if interpret else False

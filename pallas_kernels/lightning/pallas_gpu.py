@@ -18,12 +18,9 @@ All dots take operands in the input dtype with fp32 accumulation; states and dec
 compiler cannot take (non-power-of-two tiles, dims below 16) are refused in ``check_shapes`` with a ValueError,
 because interpret mode does not check them.
 
-Path to Mosaic GPU (the Triton backend is deprecated since jax 0.11): keep this decomposition and the wrapper, and
-port the kernels one by one to ``plgpu.kernel``: TMA copies of the q/k/v chunk tiles into a 2-3 stage swizzled SMEM
-ring (``TilingTransform((8, 64))``, ``SwizzleTransform(128)``), the chunk state as a ``plgpu.ACC((dk, BV), f32)``
-accumulator, the four chunk products as ``plgpu.wgmma`` (``transpose_ref`` for ``K^T V`` and ``Q^T dO``), one
-producer and one or two consumer warpgroups as in ``attention_mgpu.py``. Test in CPU interpret mode with the private
-``InterpretGPUParams``. Chunk 64 maps onto one warpgroup's wgmma M.
+Path to Mosaic GPU (the Triton backend is deprecated since jax 0.11): keep this decomposition and wrapper and port
+the kernels one at a time to ``plgpu.kernel`` (TMA into a swizzled SMEM ring, the state as a ``plgpu.ACC``
+accumulator, ``plgpu.wgmma`` for the chunk products, producer/consumer warpgroups); details in README.md.
 """
 
 import dataclasses
@@ -38,7 +35,12 @@ from pallas_kernels.lightning import chunk
 from pallas_kernels.lightning.xla import segment_index
 
 F32 = chunk.F32
+# Tunables, read when a call is traced (no autotuner: benchmarks/lightning_attention.py --sweep varies them).
 CHUNKS_PER_BLOCK = 8   # 512 tokens between stored states at the default chunk of 64
+BLOCK_K = 64           # dk tile of the dq/dk kernel
+BLOCK_V = 64           # dv tile of the local-state, output and dv kernels
+NUM_WARPS = 8          # of the chunk kernels; 8 keeps a [128, 64] fp32 state plus chunk tiles free of register
+                       # spills (ptxas, sm_90a, bf16); at 4 the output kernel spills and the others sit at 255
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Config:
     block_k: int            # dk tile of the dq/dk kernel
     block_v: int            # dv tile of the state, output and dv kernels
     scan_rows: int          # dk rows per program of the state scan
+    num_warps: int          # of the chunk kernels (the scan uses 4)
     segmented: bool
     interpret: bool
 
@@ -63,27 +66,32 @@ def _is_pow2(n: int) -> bool:
 
 
 def supports(dk: int, dv: int, chunk: int) -> bool:
-    """Whether the Triton kernels can take these sizes: powers of two, >= 16 (dot minimum), <= 256."""
-    return all(_is_pow2(n) and 16 <= n <= 256 for n in (dk, dv, chunk))
+    """Whether the Triton kernels take these sizes: powers of two >= 16 (dot minimum), head dims <= 256, chunk <= 128
+    (64 for head dims above 128): larger tiles overflow the 227 KB of shared memory (ptxas, sm_90a)."""
+    pow2 = all(_is_pow2(n) and n >= 16 for n in (dk, dv, chunk))
+    return pow2 and max(dk, dv) <= 256 and chunk <= (128 if max(dk, dv) <= 128 else 64)
 
 
 def check_shapes(dk: int, dv: int, chunk: int) -> None:
     """Refuse what the Triton compiler cannot take (interpret mode would silently accept it)."""
     if not supports(dk, dv, chunk):
         raise ValueError(f"lightning_attention(impl='pallas_gpu'): head_dim of q/k = {dk}, head_dim of v = {dv} and "
-                         f"chunk_size = {chunk} must all be powers of two in [16, 256] for the Triton kernels "
-                         f"(use impl='xla' for other shapes)")
+                         f"chunk_size = {chunk} must be powers of two >= 16, head dims <= 256 and chunk_size <= 128 "
+                         f"(<= 64 above head dim 128) for the Triton kernels (use impl='xla' for other shapes)")
 
 
 def make_config(seq: int, dk: int, dv: int, chunk: int, segmented: bool, interpret: bool) -> Config:
     check_shapes(dk, dv, chunk)
     n_chunks = -(-seq // chunk)
     return Config(seq=seq, chunk=chunk, chunks_per_block=min(CHUNKS_PER_BLOCK, n_chunks),
-                  block_k=min(dk, 64), block_v=min(dv, 64), scan_rows=16, segmented=segmented, interpret=interpret)
+                  block_k=min(dk, BLOCK_K), block_v=min(dv, BLOCK_V), scan_rows=16, num_warps=NUM_WARPS,
+                  segmented=segmented, interpret=interpret)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Kernels. Grid (batch, heads, blocks, tile) unless stated; refs are one block of one (batch, head).
+# Kernels. Grid (tile, batch, heads, blocks) unless stated; refs are one block of one (batch, head). The Triton
+# lowering makes the first axes the fastest-varying launch index, so the tiles of one block run side by side and
+# share their q/k (or v/do) loads in L2.
 
 
 def _chunk(r, cfg: Config):
@@ -111,7 +119,7 @@ def _local_kernel(s_ref, x_ref, y_ref, *rest, cfg: Config, backward: bool):
     """
     seg_refs, (out_ref,) = _split(rest, cfg)
     s = s_ref[0]
-    start = pl.program_id(2) * cfg.block
+    start = pl.program_id(3) * cfg.block
     end = jnp.minimum(cfg.seq, start + cfg.block)
     if seg_refs is not None:
         seg_open = jnp.min(seg_refs[1][pl.ds(0, cfg.chunk)][:, None], axis=0, keepdims=True)
@@ -143,7 +151,7 @@ def _output_kernel(s_ref, q_ref, k_ref, v_ref, *rest, cfg: Config):
     """Forward output of one block (one v-tile) from the state entering it."""
     seg_refs, (s_in_ref, o_ref) = _split(rest, cfg)
     s = s_ref[0]
-    start = pl.program_id(2) * cfg.block
+    start = pl.program_id(3) * cfg.block
     intra = chunk.intra_decay(s, cfg.chunk)
 
     def body(r, state):  # state: [dk, BV], entering chunk r
@@ -162,7 +170,7 @@ def _dqk_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, *rest, cfg: Config):
     """dq (forward sweep from the entry state) and dk (reverse sweep from the exit gradient) for one dk tile."""
     seg_refs, (s_in_ref, g_out_ref, dq_ref, dk_ref) = _split(rest, cfg)
     s = s_ref[0]
-    start = pl.program_id(2) * cfg.block
+    start = pl.program_id(3) * cfg.block
     intra = chunk.intra_decay(s, cfg.chunk)
 
     def load(r):
@@ -191,7 +199,7 @@ def _dv_kernel(s_ref, q_ref, k_ref, do_ref, *rest, cfg: Config):
     """dv for one dv tile: reverse sweep from the gradient of the state leaving the block."""
     seg_refs, (g_out_ref, dv_ref) = _split(rest, cfg)
     s = s_ref[0]
-    start = pl.program_id(2) * cfg.block
+    start = pl.program_id(3) * cfg.block
     intra = chunk.intra_decay(s, cfg.chunk)
 
     def backward(j, dstate):  # dstate: [dk, BV]
@@ -211,24 +219,24 @@ def _dv_kernel(s_ref, q_ref, k_ref, do_ref, *rest, cfg: Config):
 # pallas_call wrappers. Arrays: q, k, v, do [B, Tp, H, d]; block states [B, H, NB, dk, dv] fp32.
 
 
-def _params(num_warps: int, num_stages: int = 2):
+def _params(num_warps: int, num_stages: int):
     return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def _seq_spec(cfg: Config, width: int, tiled: bool):
     """Spec of a [B, Tp, H, d] array: one block of tokens, the full width or the grid's tile of it."""
-    return pl.BlockSpec((None, cfg.block, None, width), lambda b, h, n, j: (b, n, h, j if tiled else 0))
+    return pl.BlockSpec((None, cfg.block, None, width), lambda j, b, h, n: (b, n, h, j if tiled else 0))
 
 
 def _state_spec(rows: int, cols: int, tile_rows: bool):
     """Spec of a [B, H, NB, dk, dv] block-state array: this block's state, tiled along dk or dv."""
     return pl.BlockSpec((None, None, None, rows, cols),
-                        lambda b, h, n, j: (b, h, n, j, 0) if tile_rows else (b, h, n, 0, j))
+                        lambda j, b, h, n: (b, h, n, j, 0) if tile_rows else (b, h, n, 0, j))
 
 
 def _common_specs(cfg: Config):
-    slope = pl.BlockSpec((1,), lambda b, h, n, j: (h,))
-    seg = [pl.BlockSpec((None, cfg.block), lambda b, h, n, j: (b, n))] * 2 if cfg.segmented else []
+    slope = pl.BlockSpec((1,), lambda j, b, h, n: (h,))
+    seg = [pl.BlockSpec((None, cfg.block), lambda j, b, h, n: (b, n))] * 2 if cfg.segmented else []
     return slope, seg
 
 
@@ -239,11 +247,11 @@ def _local_states(x, y, slopes, segs, cfg: Config, backward: bool):
     slope, seg = _common_specs(cfg)
     return pl.pallas_call(
         functools.partial(_local_kernel, cfg=cfg, backward=backward),
-        grid=(batch, heads, nb, dv // cfg.block_v),
+        grid=(dv // cfg.block_v, batch, heads, nb),
         in_specs=[slope, _seq_spec(cfg, dk, False), _seq_spec(cfg, cfg.block_v, True), *seg],
         out_specs=_state_spec(dk, cfg.block_v, False),
         out_shape=jax.ShapeDtypeStruct((batch, heads, nb, dk, dv), F32),
-        compiler_params=_params(4),
+        compiler_params=_params(cfg.num_warps, 2),
         interpret=cfg.interpret,
         name="lightning_local_states",
     )(slopes, x, y, *segs)
@@ -291,12 +299,12 @@ def _output(q, k, v, slopes, segs, s_in, cfg: Config):
     slope, seg = _common_specs(cfg)
     return pl.pallas_call(
         functools.partial(_output_kernel, cfg=cfg),
-        grid=(batch, heads, tp // cfg.block, dv // cfg.block_v),
+        grid=(dv // cfg.block_v, batch, heads, tp // cfg.block),
         in_specs=[slope, _seq_spec(cfg, dk, False), _seq_spec(cfg, dk, False), _seq_spec(cfg, cfg.block_v, True),
                   *seg, _state_spec(dk, cfg.block_v, False)],
         out_specs=_seq_spec(cfg, cfg.block_v, True),
         out_shape=jax.ShapeDtypeStruct(v.shape, q.dtype),
-        compiler_params=_params(4, 2),
+        compiler_params=_params(cfg.num_warps, 2),
         interpret=cfg.interpret,
         name="lightning_output",
     )(slopes, q, k, v, *segs, s_in)
@@ -309,24 +317,24 @@ def _gradients(q, k, v, do, slopes, segs, s_in, g_out, cfg: Config):
     slope, seg = _common_specs(cfg)
     dq, dk_ = pl.pallas_call(
         functools.partial(_dqk_kernel, cfg=cfg),
-        grid=(batch, heads, nb, dk // cfg.block_k),
+        grid=(dk // cfg.block_k, batch, heads, nb),
         in_specs=[slope, _seq_spec(cfg, cfg.block_k, True), _seq_spec(cfg, cfg.block_k, True),
                   _seq_spec(cfg, dv, False), _seq_spec(cfg, dv, False), *seg,
                   _state_spec(cfg.block_k, dv, True), _state_spec(cfg.block_k, dv, True)],
         out_specs=[_seq_spec(cfg, cfg.block_k, True)] * 2,
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype)],
-        compiler_params=_params(4, 2),
+        compiler_params=_params(cfg.num_warps, 2),
         interpret=cfg.interpret,
         name="lightning_dqk",
     )(slopes, q, k, v, do, *segs, s_in, g_out)
     dv_ = pl.pallas_call(
         functools.partial(_dv_kernel, cfg=cfg),
-        grid=(batch, heads, nb, dv // cfg.block_v),
+        grid=(dv // cfg.block_v, batch, heads, nb),
         in_specs=[slope, _seq_spec(cfg, dk, False), _seq_spec(cfg, dk, False), _seq_spec(cfg, cfg.block_v, True),
                   *seg, _state_spec(dk, cfg.block_v, False)],
         out_specs=_seq_spec(cfg, cfg.block_v, True),
         out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype),
-        compiler_params=_params(4, 2),
+        compiler_params=_params(cfg.num_warps, 2),
         interpret=cfg.interpret,
         name="lightning_dv",
     )(slopes, q, k, do, *segs, g_out)

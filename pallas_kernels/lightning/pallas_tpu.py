@@ -36,12 +36,14 @@ class Config:
         return self.block // self.chunk
 
 
-def make_config(seq: int, dk: int, dv: int, chunk_size: int, segmented: bool, interpret: bool) -> Config:
-    if chunk_size % 8:
-        raise ValueError(f"lightning_attention(impl='pallas_tpu'): chunk_size = {chunk_size} must be a multiple of 8")
+def make_config(seq: int, chunk_size: int, segmented: bool, interpret: bool) -> Config:
+    """Mosaic tiling: chunks of a multiple of 8 rows; compiled, blocks of a multiple of 128 tokens (segment rows)."""
     n_chunks = -(-seq // chunk_size)
-    return Config(seq=seq, chunk=chunk_size, block=chunk_size * min(CHUNKS_PER_BLOCK, n_chunks),
-                  segmented=segmented, interpret=interpret)
+    block = chunk_size * min(CHUNKS_PER_BLOCK, n_chunks)
+    if chunk_size % 8 or (not interpret and block < seq and block % 128):
+        raise ValueError(f"lightning_attention(impl='pallas_tpu'): chunk_size = {chunk_size} must be a multiple of 8, "
+                         f"and of {128 // CHUNKS_PER_BLOCK} when compiled for TPU")
+    return Config(seq=seq, chunk=chunk_size, block=block, segmented=segmented, interpret=interpret)
 
 
 def _segments(seg_refs, sl):
@@ -240,7 +242,7 @@ def lightning_attention_pallas_tpu(q, k, v, slopes, initial_state, segment_ids, 
     """[B, T, H, d] in, ([B, T, H, dv], [B, H, dk, dv] fp32) out; pads T to a whole number of blocks."""
     batch, seq, heads, dk = q.shape
     dv = v.shape[-1]
-    cfg = make_config(seq, dk, dv, chunk_size, segment_ids is not None, interpret)
+    cfg = make_config(seq, chunk_size, segment_ids is not None, interpret)
     pad = -seq % cfg.block
     to_bhtd = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
     if segment_ids is None:

@@ -8,7 +8,6 @@ without taking the full cross product.
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from test_lightning_oracle import check_against_oracle, make_inputs, minimax_slopes
 
@@ -50,10 +49,10 @@ def test_bf16_matches_oracle(impl, seq, batch, heads, dim, slopes, with_h0, pack
     check_against_oracle(impl, x, tol=5e-3, grad_tol=5e-3, chunk_size=chunk, with_h0=with_h0)
 
 
-@pytest.mark.parametrize("dim,chunk", [(48, 64), (64, 24), (512, 64), (8, 16)])
+@pytest.mark.parametrize("dim,chunk", [(48, 64), (64, 24), (512, 64), (8, 16), (128, 256)])
 def test_gpu_refuses_shapes_triton_cannot_compile(dim, chunk):
     x = jnp.ones((1, 64, 2, dim))
-    with pytest.raises(ValueError, match="powers of two"):
+    with pytest.raises(ValueError, match="powers of two >= 16"):
         lightning_attention(x, x, x, jnp.ones(2), impl="pallas_gpu", chunk_size=chunk)
 
 
@@ -63,13 +62,13 @@ def test_tpu_refuses_unaligned_chunk():
         lightning_attention(x, x, x, jnp.ones(2), impl="pallas_tpu", chunk_size=12)
 
 
-@pytest.mark.parametrize("bad", ["k_shape", "v_heads", "slopes", "h0", "segments", "impl"])
+@pytest.mark.parametrize("bad", ["k_shape", "v_heads", "slopes", "h0", "segments", "impl", "dtype"])
 def test_api_rejects_bad_input(bad):
     q = jnp.ones((2, 16, 3, 16))
     args = dict(q=q, k=q, v=q, slopes=jnp.ones(3), initial_state=None, segment_ids=None, impl="xla")
     args |= {"k_shape": dict(k=q[:, :8]), "v_heads": dict(v=q[:, :, :2]), "slopes": dict(slopes=jnp.ones(4)),
              "h0": dict(initial_state=jnp.ones((2, 3, 16, 8))), "segments": dict(segment_ids=jnp.ones((2, 16))),
-             "impl": dict(impl="cuda")}[bad]
+             "impl": dict(impl="cuda"), "dtype": dict(v=q.astype(jnp.bfloat16))}[bad]
     with pytest.raises(ValueError, match="lightning_attention"):
         lightning_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("slopes"), **args)
 
@@ -89,3 +88,27 @@ def test_gpu_kernels_lower_to_triton_for_hopper(packed):
     text = fwd_bwd.trace(shape, shape, shape, jax.ShapeDtypeStruct((2,), jnp.float32), seg).lower(
         lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 9  # forward 3 (local, scan, output), backward 6
+
+
+def test_tpu_kernels_lower_to_mosaic():
+    """Lower forward and backward (packed, bf16) for TPU on this CPU: the Mosaic lowering's shape and op checks."""
+    shape = jax.ShapeDtypeStruct((1, 1100, 2, 128), jnp.bfloat16)
+
+    def loss(q, k, v, slopes, seg):
+        out, final = lightning_attention(q, k, v, slopes, segment_ids=seg, impl="pallas_tpu", interpret=False)
+        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(final)
+
+    text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(
+        shape, shape, shape, jax.ShapeDtypeStruct((2,), jnp.float32), jax.ShapeDtypeStruct((1, 1100), jnp.int32)
+    ).lower(lowering_platforms=("tpu",)).as_text()
+    assert text.count("tpu_custom_call") == 3  # forward, states recompute, fused backward
+
+
+def test_auto_on_gpu_picks_triton_and_drops_chunk_sizes_it_cannot_take(monkeypatch):
+    """The model passes its block_size (256 in M1) as chunk_size: auto must still run the Triton kernels."""
+    from pallas_kernels.lightning import api
+    monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
+    assert api._resolve("auto", 128, 128, 256) == ("pallas_gpu", None)
+    assert api._resolve("auto", 128, 128, 128) == ("pallas_gpu", 128)
+    assert api._resolve("auto", 48, 48, 256) == ("xla", 256)
+    assert api._resolve("pallas_gpu", 128, 128, 256) == ("pallas_gpu", 256)  # explicit: refused later, loudly

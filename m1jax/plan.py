@@ -1,0 +1,131 @@
+"""`m1jax plan`: per-device memory of a config on a mesh, from abstract shapes and the sharding rules.
+
+Nothing is allocated and no devices are needed: the mesh may be larger than this machine. Counted per device:
+the parameters as sharded by m1jax.sharding, and for training one gradient copy in the parameter dtype,
+AdamW's m and v in fp32, and an fp32 master copy of every parameter not already fp32, all sharded like
+the parameters (ZeRO-style). Activations, caches and XLA temporaries are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Mapping, NamedTuple
+
+from m1jax.config import ConfigError, ModelConfig, get_preset
+from m1jax.sharding import (AXES, ShardingError, format_bytes, format_mesh, is_expert_weight, mesh_axes, mesh_shape,
+                            param_table)
+
+DEVICE_MEMORY = {"H100": 80e9, "H200": 141e9}  # bytes of GPU memory, as sold
+
+
+class MemoryPlan(NamedTuple):
+    mesh: dict[str, int]
+    experts_total: int  # bytes of all routed-expert weights (w1, w2, w3)
+    other_total: int
+    experts: int  # per device, bytes
+    other: int
+    gradients: int
+    adam: int  # m and v, fp32
+    master: int  # fp32 copies of non-fp32 parameters
+
+    @property
+    def parameters(self) -> int:
+        return self.experts + self.other
+
+    @property
+    def training(self) -> int:
+        return self.parameters + self.gradients + self.adam + self.master
+
+
+def memory_plan(config: ModelConfig, mesh_sizes: Mapping[str, int]) -> MemoryPlan:
+    """Per-device bytes of `config` on a mesh of these axis sizes (ShardingError if it cannot be split)."""
+    sizes = {a: mesh_sizes.get(a, 1) for a in AXES}
+    totals = dict.fromkeys(("experts_total", "other_total", "experts", "other", "gradients", "adam", "master"), 0)
+    for p in param_table(config, sizes):
+        local = math.prod(p.local_shape)
+        kind = "experts" if is_expert_weight(p) else "other"
+        totals[f"{kind}_total"] += math.prod(p.shape) * p.dtype.itemsize
+        totals[kind] += local * p.dtype.itemsize
+        totals["gradients"] += local * p.dtype.itemsize
+        totals["adam"] += 2 * 4 * local
+        totals["master"] += 4 * local if p.dtype.name != "float32" else 0
+    return MemoryPlan(sizes, **totals)
+
+
+def fits(nbytes: float) -> str:
+    ok = [name for name, cap in DEVICE_MEMORY.items() if nbytes <= cap]
+    too_small = [f"{name} ({format_bytes(cap)})" for name, cap in DEVICE_MEMORY.items() if nbytes > cap]
+    if not too_small:
+        return f"fits on {', '.join(ok)}"
+    return f"does NOT fit on {', '.join(too_small)}" + (f"; fits on {', '.join(ok)}" if ok else "")
+
+
+def format_plan(name: str, config: ModelConfig, plan: MemoryPlan) -> str:
+    ep = math.prod(plan.mesh[a] for a in mesh_axes("experts", plan.mesh))
+    devices = math.prod(plan.mesh.values())
+    rows = [
+        ("parameters", plan.parameters),
+        (f"  routed experts ({config.num_experts // ep} of {config.num_experts} per device; "
+         f"{format_bytes(plan.experts_total)} in all)", plan.experts),
+        (f"  everything else ({format_bytes(plan.other_total)} in all)", plan.other),
+        (f"gradients ({config.dtype})", plan.gradients),
+        ("AdamW m + v (fp32)", plan.adam),
+        ("fp32 master copy of non-fp32 parameters", plan.master),
+        ("training total", plan.training),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"m1jax plan: {name} ({config.dtype} parameters, router float32) on mesh {format_mesh(plan.mesh)} "
+             f"= {devices} devices", "",
+             f"| {'per device':<{width}} | {'bytes':>10} |", f"|{'-' * (width + 2)}|{'-' * 12}|"]
+    lines += [f"| {label:<{width}} | {format_bytes(n):>10} |" for label, n in rows]
+    lines += ["",
+              f"inference (parameters only): {format_bytes(plan.parameters)} per device: {fits(plan.parameters)}",
+              f"training (AdamW, without activations): {format_bytes(plan.training)} per device: "
+              f"{fits(plan.training)}"]
+    return "\n".join(lines)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """"fsdp=8,expert=8" -> {"fsdp": 8, "expert": 8}."""
+    sizes = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        axis, eq, value = item.partition("=")
+        if not eq or axis not in AXES:
+            raise ShardingError(f"--mesh item {item!r}: expected AXIS=SIZE with AXIS one of {AXES}")
+        try:
+            sizes[axis] = int(value)
+        except ValueError:
+            raise ShardingError(f"--mesh item {item!r}: size {value!r} is not an integer") from None
+    return sizes
+
+
+def load_config(spec: str, dtype: str | None) -> ModelConfig:
+    """A preset name or a Hugging Face config.json (or its directory)."""
+    config = ModelConfig.from_hf(spec) if Path(spec).exists() else get_preset(spec)
+    return config.replace(dtype=dtype) if dtype else config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="m1jax plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="preset name (e.g. minimax-m1-80k) or path to config.json")
+    parser.add_argument("--mesh", default="", help="axis sizes, e.g. expert=8 or fsdp=8,expert=8 (one may be -1)")
+    parser.add_argument("--devices", type=int, help="total devices (default: the product of --mesh)")
+    parser.add_argument("--dtype", help="override the parameter dtype (e.g. bfloat16, float32)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.dtype)
+        sizes = parse_mesh(args.mesh)
+        devices = args.devices or math.prod(s for s in sizes.values() if s > 0)
+        sizes = mesh_shape(**sizes, devices=devices)
+        print(format_plan(args.config, config, memory_plan(config, sizes)))
+    except (ConfigError, ShardingError) as e:
+        print(f"m1jax plan: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
