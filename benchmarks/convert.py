@@ -3,7 +3,8 @@
     python benchmarks/convert.py [--size-gb 2] [--workdir /tmp] [--keep]
 
 Builds a synthetic checkpoint with M1's proportions (16 layers = 2 cycles of 7 lightning + 1 softmax, 32 experts
-that hold ~85% of the bytes, bf16 weights with an fp32 router, tensors scattered over many shards), then, in one
+that hold ~85% of the bytes, an expert weight the largest stacked parameter, bf16 weights with an fp32 router,
+tensors scattered over many shards), then, in one
 run: `cat` of the shards with a cold page cache (pages dropped with posix_fadvise) and warm; hf-to-orbax cold and
 warm; orbax-to-hf. Each conversion runs as a child process under /usr/bin/time -v for its peak RSS (Linux).
 Targets: peak RSS <= 1.5 x the largest stacked parameter + 300 MB; throughput >= 50% of the raw read speed.
@@ -35,15 +36,19 @@ MB = 1e6
 
 
 def synthetic_config(size_gb: float) -> ModelConfig:
-    """M1's shape at a smaller scale; the expert width sets the total size."""
+    """M1's shape at a smaller scale: the experts hold most bytes and an expert weight is the largest stacked
+    parameter (as in M1: 36 GB of 912 GB); the expert width sets the total size."""
     d, layers, experts = 1024, 16, 32
-    other = 285e6  # embeddings, LM head and attention at d = 1024
-    width = max(64, round((size_gb * 1e9 - other) / (layers * experts * 3 * d * 2) / 64) * 64)
     alpha = (2 * layers) ** 0.25
-    return ModelConfig(vocab_size=32_000, hidden_size=d, num_layers=layers, num_heads=8, num_kv_heads=2, head_dim=128,
-                       layer_types=tuple("softmax" if i % 8 == 7 else "lightning" for i in range(layers)),
-                       intermediate_size=width, num_experts=experts, linear_attn_alpha=alpha, full_attn_alpha=alpha,
-                       mlp_alpha=alpha, dtype="bfloat16")
+    config = lambda width: ModelConfig(
+        vocab_size=8192, hidden_size=d, num_layers=layers, num_heads=8, num_kv_heads=2, head_dim=128,
+        layer_types=tuple("softmax" if i % 8 == 7 else "lightning" for i in range(layers)),
+        intermediate_size=width, num_experts=experts, linear_attn_alpha=alpha, full_attn_alpha=alpha,
+        mlp_alpha=alpha, dtype="bfloat16")
+    size = lambda width: sum(math.prod(s) * dt.itemsize for s, dt in hf_tensor_specs(config(width)).values())
+    per_width = (size(128) - size(64)) / 64  # bytes per unit of expert width; the rest is fixed
+    fixed = size(64) - 64 * per_width
+    return config(max(64, round((size_gb * 1e9 - fixed) / per_width / 64) * 64))
 
 
 def write_checkpoint(directory: Path, config: ModelConfig, shard_bytes: float = 50e6) -> int:

@@ -1,14 +1,14 @@
 """Generation speed: prefill and decode tokens/s of m1jax beside transformers, measured in one run.
 
 GPU: the m1-1.5b preset in bf16 (the model of reference/measured.md's anchors): prefill of 8,192 tokens at batch 1,
-then a 512-token prompt and 128 new tokens at batch 1 and 8 (greedy, no stop). CPU: m1-small in fp32, shorter.
+then a 512-token prompt and 128 new tokens at batch 1 and 8 (greedy, no stop). CPU: m1-tiny in fp32, shorter.
 "decode" is the jitted while_loop alone (one dispatch for all new tokens); "generate" adds the prefill, as
 transformers' `generate` does. transformers decodes fewer tokens (its per-token rate is what is compared).
 Prints a markdown table. Every row is guarded (a failure prints its traceback and the rest runs); rows run most
 valuable first, and rows left after --budget-s are skipped.
 
-    python benchmarks/generate.py                       # GPU: m1-1.5b; CPU: m1-small
-    python benchmarks/generate.py --preset m1-tiny --budget-s 60 --dispatch dense
+    python benchmarks/generate.py                       # GPU: m1-1.5b; CPU: m1-tiny
+    python benchmarks/generate.py --preset m1-small --budget-s 60 --dispatch dense
 """
 
 import os
@@ -33,7 +33,7 @@ from m1jax.model import init_model  # noqa: E402
 
 GPU = dict(preset="m1-1.5b", dtype="bfloat16", prefill_len=8192, prompt_len=512, new_tokens=128, hf_new_tokens=32,
            budget_s=85)
-CPU = dict(preset="m1-small", dtype="float32", prefill_len=512, prompt_len=64, new_tokens=64, hf_new_tokens=16,
+CPU = dict(preset="m1-tiny", dtype="float32", prefill_len=512, prompt_len=64, new_tokens=64, hf_new_tokens=16,
            budget_s=150)
 TARGETS = {"gpu": {("decode", 1): 2_000, ("prefill", 1): 300_000}, "cpu": {}}  # tokens/s on an H200
 
@@ -152,6 +152,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dispatch", nargs="+", default=["ragged", "dense"],
                         help="MoE dispatches to measure (m1jax.layers.moe.DISPATCH), one m1jax row each")
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--torch-threads", type=int, default=1 if platform == "cpu" else None,
+                        help="torch CPU threads (default on CPU: 1; more threads collapse on a loaded machine)")
     parser.add_argument("--budget-s", type=float, default=defaults["budget_s"])
     args = parser.parse_args(argv)
 
@@ -165,6 +167,9 @@ def main(argv=None) -> int:
 
     def transformers_model():
         if "model" not in hf:
+            if args.torch_threads:
+                import torch
+                torch.set_num_threads(args.torch_threads)
             hf["model"] = hf_model(config, device)
         return hf["model"]
 
@@ -210,7 +215,8 @@ def main(argv=None) -> int:
             verdict = "met" if ratio >= 10 else "NOT met"
             print(f"- target CPU decode batch 1 >= 10x transformers (best dispatch): {ratio:.1f}x ({verdict})")
     print(f"\n(total {time.perf_counter() - start:.0f} s; transformers decodes {args.hf_new_tokens} tokens, m1jax "
-          f"{args.new_tokens}; decode-only transformers rate = generate minus one prefill of the prompt)")
+          f"{args.new_tokens}; decode-only transformers rate = generate minus one prefill of the prompt; "
+          f"torch threads: {args.torch_threads or 'default'})")
     return 0
 
 

@@ -44,13 +44,13 @@ def _storage_options(keypath, value):
     blocks stay >= 16 MiB (many small chunk files write slowly). A sharded restore then reads only its own chunks
     along the layer and expert axes."""
     keys = [getattr(k, "key", k) for k in keypath]
-    lead = 0
+    split = 0  # how many leading axes to split
     if keys[0] == "cycles" and np.ndim(value) >= 3:
-        for axes in ((2,) if keys[-1] in ("w1", "w2", "w3") else ()) + (1,):
-            if value.nbytes // math.prod(value.shape[:axes]) >= _MIN_CHUNK:
-                lead = axes
+        for n in ((2,) if keys[-1] in ("w1", "w2", "w3") else ()) + (1,):
+            if value.nbytes // math.prod(value.shape[:n]) >= _MIN_CHUNK:
+                split = n
                 break
-    return ocp.options.ArrayOptions.Saving.StorageOptions(shard_axes=tuple(range(lead)))
+    return ocp.options.ArrayOptions.Saving.StorageOptions(shard_axes=tuple(range(split)))
 
 
 def _save_context() -> ocp.Context:

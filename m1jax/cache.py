@@ -15,6 +15,7 @@ used slots, so a snapshot of a long document can be restored into a buffer of an
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -86,11 +87,20 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, *, mesh: Mesh | No
     """
     if batch <= 0 or max_len <= 0:
         raise ValueError(f"init_cache: batch and max_len must be positive, got batch={batch}, max_len={max_len}")
-    shapes = cache_shapes(config, batch, max_len)
-    if shardings is None and mesh is not None:
-        shardings = cache_shardings(config, mesh, batch, max_len)
-    zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    return (jax.jit(zeros) if shardings is None else jax.jit(zeros, out_shardings=shardings))()
+    if shardings is not None:
+        return jax.jit(functools.partial(_zeros, config, batch, max_len), out_shardings=shardings)()
+    return _zeros_in(config, batch, max_len, mesh)()
+
+
+def _zeros(config: ModelConfig, batch: int, max_len: int) -> dict:
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes(config, batch, max_len))
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros_in(config: ModelConfig, batch: int, max_len: int, mesh: Mesh | None):
+    """The compiled cache constructor for these shapes (built once: generation makes a cache per request)."""
+    shardings = None if mesh is None else cache_shardings(config, mesh, batch, max_len)
+    return jax.jit(functools.partial(_zeros, config, batch, max_len), out_shardings=shardings)
 
 
 def cache_bytes(config: ModelConfig, batch: int, max_len: int) -> int:

@@ -42,7 +42,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "act_embed": (),
 }
 
-# Logical names of every parameter, by its leaf name (an RMSNorm's `weight` by the norm's name).
+# Logical names of every parameter, by its leaf name (`weight`: every RMSNorm's scale).
 # Leaves under `cycles` carry a leading "layers" axis on top of these.
 PARAM_AXES: dict[str, tuple[str, ...]] = {
     "embed_tokens": ("vocab", "embed"),
@@ -115,6 +115,7 @@ def mesh_axes(name: str | None, mesh_sizes: Mapping[str, int]) -> tuple[str, ...
 
 
 def logical_spec(names: Sequence[str | None], mesh_sizes: Mapping[str, int]) -> PartitionSpec:
+    """The PartitionSpec of an array whose dimensions have these logical names (None: not split)."""
     return PartitionSpec(*(mesh_axes(n, mesh_sizes) or None for n in names))
 
 

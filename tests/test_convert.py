@@ -230,3 +230,16 @@ def test_not_a_checkpoint_is_refused(tmp_path):
     assert not is_orbax_checkpoint(tmp_path / "empty")
     with pytest.raises(CheckpointError, match="not a complete m1jax orbax checkpoint"):
         read_config(tmp_path / "empty")
+
+
+def test_storage_chunks_follow_cycles_and_experts_at_m1_scale():
+    """Big stacked parameters are chunked per (cycle, expert) or per cycle; small ones stay one chunk."""
+    from checkpoints_convert.orbax_checkpoint import _storage_options
+    virtual = lambda *shape: np.lib.stride_tricks.as_strided(np.zeros(1, np.float16), shape, [0] * len(shape))
+    keys = lambda *ks: [jax.tree_util.DictKey(k) for k in ks]
+    chunking = lambda path, array: _storage_options(keys(*path), array).shard_axes
+    assert chunking(("cycles", "layers", "0", "moe", "w2"), virtual(10, 32, 9216, 6144)) == (0, 1)
+    assert chunking(("cycles", "layers", "0", "attn", "qkv_proj"), virtual(10, 6144, 24576)) == (0,)
+    assert chunking(("cycles", "layers", "0", "moe", "w1"), virtual(2, 32, 1024, 256)) == (0,)
+    assert chunking(("cycles", "layers", "0", "moe", "w1"), virtual(2, 4, 64, 96)) == ()
+    assert chunking(("embed_tokens",), virtual(200_064, 6144)) == ()

@@ -211,6 +211,6 @@ def test_aux_loss_matches_transformers():
     from transformers.models.minimax.modeling_minimax import load_balancing_loss_func
 
     logits, mask, stats = layer_stats(seed=1)
-    expected = load_balancing_loss_func(tuple(torch.from_numpy(lg) for lg in logits), 8, 2,
-                                        torch.from_numpy(mask[None].astype(np.int64)))
+    expected = load_balancing_loss_func(tuple(torch.tensor(lg) for lg in logits), 8, 2,
+                                        torch.tensor(mask[None].astype(np.int64)))
     np.testing.assert_allclose(float(load_balancing_loss(stats, 8)), float(expected), rtol=1e-5)

@@ -14,14 +14,17 @@ import pytest
 from jax.sharding import AxisType
 
 from m1jax import sharding
-from m1jax.config import get_preset
+from m1jax.config import ModelConfig, get_preset
+from m1jax.layers.moe_ep import ExpertParallel
 from m1jax.loading import from_pretrained, shard_model
 from m1jax.model import abstract_model, forward, init_model, params_of, with_params
 from m1jax.plan import main as plan_main, memory_plan
 from m1jax.sharding import ShardingError, make_mesh, mesh_shape, param_shardings, spec_listing, validate
 
 GOLDEN = Path(__file__).parent / "golden"
-CONFIG = get_preset("m1-tiny").replace(num_experts=8, num_layers=2, layer_types=("lightning", "softmax"))
+CONFIG = ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                     layer_types=("lightning", "softmax"), intermediate_size=96, num_experts=8, rotary_dim=8,
+                     block_size=8, dtype="float32")
 
 
 def test_make_mesh_fills_and_checks_axes():
@@ -51,6 +54,16 @@ def test_batch_must_divide_before_compiling():
     message = "size 4 does not divide over mesh axes data=1 \\* fsdp=1 \\* expert=8 = 8"
     with jax.set_mesh(make_mesh(expert=8)), pytest.raises(ShardingError, match=message):
         jax.eval_shape(lambda m, ids: forward(m, ids).logits, abstract_model(CONFIG), jnp.zeros((4, 8), jnp.int32))
+
+
+def test_forward_reports_dropped_copies_per_layer():
+    def router(model, ids):
+        return forward(model, ids, dispatch=ExpertParallel(capacity_factor=1.0)).router
+
+    with jax.set_mesh(make_mesh(data=2, expert=4)):
+        stats = jax.eval_shape(router, abstract_model(CONFIG), jnp.zeros((8, 8), jnp.int32))
+    assert stats["dropped"].shape == (CONFIG.num_layers,)
+    assert stats["selected"].shape == (CONFIG.num_layers, CONFIG.num_experts_per_tok, CONFIG.num_experts)
 
 
 @pytest.mark.parametrize("sizes", [dict(data=2, expert=4), dict(fsdp=2, expert=2, tensor=2)])

@@ -138,7 +138,7 @@ def loss_and_grads(model: M1Model, tcfg: TrainConfig, params: dict, input_ids, s
 def train_step(model: M1Model, tcfg: TrainConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
                state: TrainState, input_ids, segment_ids) -> tuple[TrainState, dict]:
     loss, terms, grads = loss_and_grads(model, tcfg, state.params, input_ids, segment_ids)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -25,6 +25,7 @@ accumulator, ``plgpu.wgmma`` for the chunk products, producer/consumer warpgroup
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -35,12 +36,23 @@ from pallas_kernels.lightning import chunk
 from pallas_kernels.lightning.xla import segment_index
 
 F32 = chunk.F32
-# Tunables, read when a call is traced (no autotuner: benchmarks/lightning_attention.py --sweep varies them).
-CHUNKS_PER_BLOCK = 8   # 512 tokens between stored states at the default chunk of 64
-BLOCK_K = 64           # dk tile of the dq/dk kernel
-BLOCK_V = 64           # dv tile of the local-state, output and dv kernels
-NUM_WARPS = 8          # of the chunk kernels; 8 keeps a [128, 64] fp32 state plus chunk tiles free of register
-                       # spills (ptxas, sm_90a, bf16); at 4 the output kernel spills and the others sit at 255
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Tile and launch parameters of the chunk kernels (no autotuner: benchmarks/lightning_attention.py sweeps them
+    on the device). Tiles are clipped to the head dims; all must be powers of two >= 16."""
+    chunks_per_block: int = 8   # chunks between stored states: 512 tokens at the default chunk of 64
+    block_k: int = 64           # dk tile of the dq/dk kernel
+    block_v: int = 64           # dv tile of the output and dv kernels
+    local_block_v: int = 64     # dv tile of the local-state kernel
+    num_warps: int = 8          # of the chunk kernels (the state scan uses 4)
+    num_stages: int = 2         # Triton's pipelining of the chunk loads: at 2 the next chunk's loads are issued
+                                # after this chunk's work (no overlap), at 3 one chunk ahead (more shared memory)
+
+
+# benchmarks/lightning_attention.py sweeps tunings on the GPU and prints the line to put here.
+DEFAULT_TUNING = Tuning()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +62,12 @@ class Config:
     chunk: int              # tokens per intra-chunk product
     chunks_per_block: int   # chunks between stored states
     block_k: int            # dk tile of the dq/dk kernel
-    block_v: int            # dv tile of the state, output and dv kernels
+    block_v: int            # dv tile of the output and dv kernels
+    local_block_v: int      # dv tile of the local-state kernel
     scan_rows: int          # dk rows per program of the state scan
+    scan_unroll: int        # blocks per step of the state scan (their loads are issued together)
     num_warps: int          # of the chunk kernels (the scan uses 4)
+    num_stages: int         # of the chunk kernels
     segmented: bool
     interpret: bool
 
@@ -80,12 +95,25 @@ def check_shapes(dk: int, dv: int, chunk: int) -> None:
                          f"(<= 64 above head dim 128) for the Triton kernels (use impl='xla' for other shapes)")
 
 
-def make_config(seq: int, dk: int, dv: int, chunk: int, segmented: bool, interpret: bool) -> Config:
+def check_tuning(tuning: Tuning) -> None:
+    tiles = (tuning.block_k, tuning.block_v, tuning.local_block_v)
+    if not (all(_is_pow2(n) and n >= 16 for n in tiles) and tuning.chunks_per_block >= 1
+            and tuning.num_warps in (1, 2, 4, 8, 16) and tuning.num_stages >= 1):
+        raise ValueError(f"lightning_attention(impl='pallas_gpu'): bad tuning {tuning}: tiles must be powers of two "
+                         f">= 16, chunks_per_block and num_stages >= 1, num_warps a power of two <= 16")
+
+
+def make_config(seq: int, dk: int, dv: int, chunk: int, segmented: bool, interpret: bool,
+                tuning: Tuning | None = None) -> Config:
+    tuning = DEFAULT_TUNING if tuning is None else tuning
     check_shapes(dk, dv, chunk)
+    check_tuning(tuning)
     n_chunks = -(-seq // chunk)
-    return Config(seq=seq, chunk=chunk, chunks_per_block=min(CHUNKS_PER_BLOCK, n_chunks),
-                  block_k=min(dk, BLOCK_K), block_v=min(dv, BLOCK_V), scan_rows=16, num_warps=NUM_WARPS,
-                  segmented=segmented, interpret=interpret)
+    return Config(seq=seq, chunk=chunk, chunks_per_block=min(tuning.chunks_per_block, n_chunks),
+                  block_k=min(dk, tuning.block_k), block_v=min(dv, tuning.block_v),
+                  local_block_v=min(dv, tuning.local_block_v), scan_rows=16, scan_unroll=4,
+                  num_warps=tuning.num_warps,
+                  num_stages=tuning.num_stages, segmented=segmented, interpret=interpret)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -131,20 +159,26 @@ def _local_kernel(s_ref, x_ref, y_ref, *rest, cfg: Config, backward: bool):
         w = chunk.decay_pow(s, t - start + 1 if backward else end - 1 - t)
         if seg_refs is not None:
             w = jnp.where(seg_refs[0][sl][:, None] == (seg_open if backward else seg_last), w, 0.0)
-        return acc + chunk.t_mm(chunk.scale_rows(x_ref[sl, :], w), y_ref[sl, :])
+        return acc + chunk.t_mm(x_ref[sl, :], chunk.scale_rows(y_ref[sl, :], w))
 
     out_ref[...] = jax.lax.fori_loop(0, cfg.chunks_per_block, body, jnp.zeros(out_ref.shape, F32))
 
 
-def _scan_kernel(g_ref, y_ref, init_ref, states_ref, last_ref, *, n_blocks: int, reverse: bool):
-    """``X <- g_b X + Y_b`` over blocks (reversed for the gradient), storing X before each step; grid (B, H, rows)."""
+def _scan_kernel(g_ref, y_ref, init_ref, states_ref, last_ref, *, n_blocks: int, unroll: int, reverse: bool):
+    """``X <- g_b X + Y_b`` over blocks (reversed for the gradient), storing X before each step; grid (B, H, rows).
 
-    def body(j, x):
-        b = n_blocks - 1 - j if reverse else j
-        states_ref[b] = x
-        return g_ref[b] * x + y_ref[b]
+    The chain is latency-bound: each loop step issues the loads of ``unroll`` blocks before using the first."""
 
-    last_ref[...] = jax.lax.fori_loop(0, n_blocks, body, init_ref[...].astype(F32))
+    def body(i, x):
+        blocks = [i * unroll + u for u in range(unroll)]
+        blocks = [n_blocks - 1 - b for b in blocks] if reverse else blocks
+        loaded = [(g_ref[b], y_ref[b]) for b in blocks]
+        for b, (g, y) in zip(blocks, loaded):
+            states_ref[b] = x
+            x = g * x + y
+        return x
+
+    last_ref[...] = jax.lax.fori_loop(0, n_blocks // unroll, body, init_ref[...].astype(F32))
 
 
 def _output_kernel(s_ref, q_ref, k_ref, v_ref, *rest, cfg: Config):
@@ -161,7 +195,7 @@ def _output_kernel(s_ref, q_ref, k_ref, v_ref, *rest, cfg: Config):
         scores = chunk.mm_t(q, k) * f.intra
         out = chunk.mm(scores.astype(v.dtype), v) + f.a * chunk.mm(q, state.astype(q.dtype))
         o_ref[sl, :] = out.astype(o_ref.dtype)
-        return f.gamma * state + chunk.t_mm(chunk.scale_rows(k, f.b), v)
+        return f.gamma * state + chunk.t_mm(k, chunk.scale_rows(v, f.b))
 
     jax.lax.fori_loop(0, cfg.chunks_per_block, body, s_in_ref[...])
 
@@ -210,7 +244,7 @@ def _dv_kernel(s_ref, q_ref, k_ref, do_ref, *rest, cfg: Config):
         scores = chunk.mm_t(q, k) * f.intra
         dv = chunk.t_mm(scores.astype(do.dtype), do) + f.b * chunk.mm(k, dstate.astype(k.dtype))
         dv_ref[sl, :] = dv.astype(dv_ref.dtype)
-        return f.gamma * dstate + chunk.t_mm(chunk.scale_rows(q, f.a), do)
+        return f.gamma * dstate + chunk.t_mm(q, chunk.scale_rows(do, f.a))
 
     jax.lax.fori_loop(0, cfg.chunks_per_block, backward, g_out_ref[...])
 
@@ -247,11 +281,11 @@ def _local_states(x, y, slopes, segs, cfg: Config, backward: bool):
     slope, seg = _common_specs(cfg)
     return pl.pallas_call(
         functools.partial(_local_kernel, cfg=cfg, backward=backward),
-        grid=(dv // cfg.block_v, batch, heads, nb),
-        in_specs=[slope, _seq_spec(cfg, dk, False), _seq_spec(cfg, cfg.block_v, True), *seg],
-        out_specs=_state_spec(dk, cfg.block_v, False),
+        grid=(dv // cfg.local_block_v, batch, heads, nb),
+        in_specs=[slope, _seq_spec(cfg, dk, False), _seq_spec(cfg, cfg.local_block_v, True), *seg],
+        out_specs=_state_spec(dk, cfg.local_block_v, False),
         out_shape=jax.ShapeDtypeStruct((batch, heads, nb, dk, dv), F32),
-        compiler_params=_params(cfg.num_warps, 2),
+        compiler_params=_params(cfg.num_warps, cfg.num_stages),
         interpret=cfg.interpret,
         name="lightning_local_states",
     )(slopes, x, y, *segs)
@@ -263,7 +297,7 @@ def _scan(block_decay, local, init, cfg: Config, reverse: bool):
     full = pl.BlockSpec((None, None, nb, rows, dv), lambda b, h, j: (b, h, 0, j, 0))
     one = pl.BlockSpec((None, None, rows, dv), lambda b, h, j: (b, h, j, 0))
     return pl.pallas_call(
-        functools.partial(_scan_kernel, n_blocks=nb, reverse=reverse),
+        functools.partial(_scan_kernel, n_blocks=nb, unroll=math.gcd(nb, cfg.scan_unroll), reverse=reverse),
         grid=(batch, heads, dk // rows),
         in_specs=[pl.BlockSpec((None, None, nb), lambda b, h, j: (b, h, 0)), full, one],
         out_specs=[full, one],
@@ -304,7 +338,7 @@ def _output(q, k, v, slopes, segs, s_in, cfg: Config):
                   *seg, _state_spec(dk, cfg.block_v, False)],
         out_specs=_seq_spec(cfg, cfg.block_v, True),
         out_shape=jax.ShapeDtypeStruct(v.shape, q.dtype),
-        compiler_params=_params(cfg.num_warps, 2),
+        compiler_params=_params(cfg.num_warps, cfg.num_stages),
         interpret=cfg.interpret,
         name="lightning_output",
     )(slopes, q, k, v, *segs, s_in)
@@ -323,7 +357,7 @@ def _gradients(q, k, v, do, slopes, segs, s_in, g_out, cfg: Config):
                   _state_spec(cfg.block_k, dv, True), _state_spec(cfg.block_k, dv, True)],
         out_specs=[_seq_spec(cfg, cfg.block_k, True)] * 2,
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype)],
-        compiler_params=_params(cfg.num_warps, 2),
+        compiler_params=_params(cfg.num_warps, cfg.num_stages),
         interpret=cfg.interpret,
         name="lightning_dqk",
     )(slopes, q, k, v, do, *segs, s_in, g_out)
@@ -334,7 +368,7 @@ def _gradients(q, k, v, do, slopes, segs, s_in, g_out, cfg: Config):
                   *seg, _state_spec(dk, cfg.block_v, False)],
         out_specs=_seq_spec(cfg, cfg.block_v, True),
         out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype),
-        compiler_params=_params(cfg.num_warps, 2),
+        compiler_params=_params(cfg.num_warps, cfg.num_stages),
         interpret=cfg.interpret,
         name="lightning_dv",
     )(slopes, q, k, do, *segs, g_out)
@@ -371,11 +405,12 @@ _lightning.defvjp(_lightning_fwd, _lightning_bwd)
 
 
 def lightning_attention_pallas_gpu(q, k, v, slopes, initial_state, segment_ids, *, chunk_size: int,
-                                   interpret: bool):
-    """[B, T, H, d] in, ([B, T, H, dv], [B, H, dk, dv] fp32) out; pads T to a whole number of blocks."""
+                                   interpret: bool, tuning: Tuning | None = None):
+    """[B, T, H, d] in, ([B, T, H, dv], [B, H, dk, dv] fp32) out; pads T to a whole number of blocks.
+    ``tuning`` defaults to ``DEFAULT_TUNING``."""
     batch, seq, heads, dk = q.shape
     dv = v.shape[-1]
-    cfg = make_config(seq, dk, dv, chunk_size, segment_ids is not None, interpret)
+    cfg = make_config(seq, dk, dv, chunk_size, segment_ids is not None, interpret, tuning)
     pad = -seq % cfg.block
     pad_seq = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
     if segment_ids is None:

@@ -6,12 +6,19 @@ and the real M1 slopes of layers 0, 40 and 78, with and without initial state, p
 without taking the full cross product.
 """
 
+import importlib.util
+import re
+import subprocess
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import pytest
 from test_lightning_oracle import check_against_oracle, make_inputs, minimax_slopes
 
 from pallas_kernels import lightning_attention
+from pallas_kernels.lightning import pallas_gpu
+from pallas_kernels.lightning.pallas_gpu import Tuning
 
 IMPLS = ["pallas_gpu", "pallas_tpu"]
 
@@ -112,3 +119,76 @@ def test_auto_on_gpu_picks_triton_and_drops_chunk_sizes_it_cannot_take(monkeypat
     assert api._resolve("auto", 128, 128, 128) == ("pallas_gpu", 128)
     assert api._resolve("auto", 48, 48, 256) == ("xla", 256)
     assert api._resolve("pallas_gpu", 128, 128, 256) == ("pallas_gpu", 256)  # explicit: refused later, loudly
+
+
+# Non-default GPU tunings (benchmarks/lightning_attention.py sweeps them): different tiles per kernel, chunk 128,
+# many blocks (the state scan's unrolled steps: 32 blocks -> 4 per step), padding. Interpret mode ignores warps
+# and stages, which only change the compiled code (checked by the slow test below).
+TUNING_CASES = [  # (seq, heads, dim, chunk, tuning, packed)
+    (1000, 2, 64, 16, Tuning(chunks_per_block=2, block_v=16, local_block_v=32, block_k=32), False),
+    (1000, 2, 64, 16, Tuning(chunks_per_block=2, block_v=32, local_block_v=16, block_k=16, num_stages=3), True),
+    (1100, 1, 128, 128, Tuning(chunks_per_block=4, block_v=32, local_block_v=128, num_warps=4), True),
+]
+
+
+@pytest.mark.parametrize("seq,heads,dim,chunk,tuning,packed", TUNING_CASES)
+def test_gpu_tunings_match_oracle(monkeypatch, seq, heads, dim, chunk, tuning, packed):
+    monkeypatch.setattr(pallas_gpu, "DEFAULT_TUNING", tuning)
+    x = make_inputs(seq + dim, 1, seq, heads, dim, jnp.float32, packed=packed)
+    check_against_oracle("pallas_gpu", x, tol=1e-5, grad_tol=1e-4, chunk_size=chunk)
+
+
+def test_gpu_refuses_bad_tuning():
+    x = jnp.ones((1, 64, 2, 64))
+    with pytest.raises(ValueError, match="bad tuning"):
+        pallas_gpu.lightning_attention_pallas_gpu(x, x, x, jnp.ones(2), None, None, chunk_size=16, interpret=True,
+                                                  tuning=Tuning(block_v=48))
+
+
+def _load_benchmark():
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "lightning_attention.py"
+    spec = importlib.util.spec_from_file_location("lightning_attention_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SMEM_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90
+
+
+@pytest.mark.slow
+def test_benchmark_sweep_tunings_compile_for_hopper_without_spills(tmp_path):
+    """Every tuning the benchmark sweep can run (its list and the refinements around each entry), forward and
+    backward, compiles to sm_90a with the ``triton`` wheel (see test_lightning_triton_compile.py) without register
+    spills and within shared memory, so no device time goes to a configuration that cannot run well."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from test_lightning_triton_compile import _triton_kernels
+    bench = _load_benchmark()
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    configs = {(c, t) for _, c, t in bench.SWEEP} | {r for _, c, t in bench.SWEEP for r in bench.refinements(c, t)}
+    bf16 = jax.ShapeDtypeStruct((1, 4096, 2, 128), jnp.bfloat16)
+    slopes = jax.ShapeDtypeStruct((2,), jnp.float32)
+    seen, failures = set(), []
+    for chunk, tuning in sorted(configs, key=repr):
+        def train(q, k, v, s, chunk=chunk, tuning=tuning):
+            loss = lambda q, k, v: jnp.sum(pallas_gpu.lightning_attention_pallas_gpu(
+                q, k, v, s, None, None, chunk_size=chunk, interpret=False, tuning=tuning)[0].astype(jnp.float32))
+            return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+        for name, ttir, num_warps, num_stages in _triton_kernels(train, bf16, bf16, bf16, slopes):
+            if (ttir, num_warps, num_stages) in seen:
+                continue
+            seen.add((ttir, num_warps, num_stages))
+            path = tmp_path / f"{name}.ttir"
+            path.write_text(ttir)
+            compiled = triton.compiler.compile(str(path), target=GPUTarget("cuda", 90, 32),
+                                               options=dict(num_warps=num_warps, num_stages=num_stages))
+            (tmp_path / "k.ptx").write_text(compiled.asm["ptx"])
+            report = subprocess.run([str(ptxas), "-v", "--gpu-name=sm_90a", str(tmp_path / "k.ptx"), "-o",
+                                     str(tmp_path / "k.cubin")], capture_output=True, text=True, check=True).stderr
+            spills = re.search(r"(\d+) bytes spill stores", report)
+            if int(spills.group(1)) or compiled.metadata.shared > SMEM_LIMIT:
+                failures.append(f"chunk {chunk} {tuning} {name}: {spills.group(0)}, "
+                                f"{compiled.metadata.shared} bytes of shared memory")
+    assert not failures, "\n".join(failures)

@@ -1,0 +1,195 @@
+"""The train step and data pipeline: config parsing, packing, loss definition, accumulation, sharding, aux loss."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from m1jax.model import forward, init_model, params_of, with_params
+from m1jax.sharding import make_mesh
+from tests.train_fixtures import corpus, tiny_config
+from train.config import TrainConfig, TrainConfigError
+from train.data import DataError, DataState, PackedBatches, TokenDataset, prepare
+from train.step import cross_entropy_sum, loss_terms, make_trainer
+
+
+def run_steps(trainer, batches, n, state=None):
+    state = trainer.init(trainer.random_params()) if state is None else state
+    history = []
+    for _ in range(n):
+        b = next(batches)
+        state, m = trainer.step(state, *(jax.device_put(x, trainer.batch_sharding) for x in b))
+        history.append({k: float(v) for k, v in m.items()})
+    return state, history
+
+
+# ---- config ----------------------------------------------------------------------------------------
+def test_config_file_overrides_and_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {preset: m1-tiny}\noptim: {lr: 1e-3}\nrun: {steps: 5}\n")
+    cfg = TrainConfig.load(path, ["run.steps=7", "optim.eps=1e-15", "model.overrides.hidden_size=32"])
+    assert (cfg.run.steps, cfg.optim.lr, cfg.optim.eps, cfg.optim.b2) == (7, 1e-3, 1e-15, 0.95)
+    assert cfg.model_config().hidden_size == 32 and cfg.model_config().dtype == "float32"
+    with pytest.raises(TrainConfigError, match="optim.lrr"):
+        TrainConfig.load(path, ["optim.lrr=1"])
+    with pytest.raises(TrainConfigError, match="grad_accum"):
+        TrainConfig.load(path, ["data.batch_size=6", "data.grad_accum=4"])
+    with pytest.raises(TrainConfigError, match="run.steps: expected int"):
+        TrainConfig.load(path, ["run.steps=ten"])
+
+
+# ---- data ------------------------------------------------------------------------------------------
+def test_packing_is_deterministic_resumable_and_keeps_documents_whole(tmp_path):
+    ds = TokenDataset(corpus(tmp_path / "d", docs=50))
+    it = PackedBatches(ds, seq_len=32, batch_size=4, seed=3)
+    batches = [next(it) for _ in range(6)]
+    states = []
+    it = PackedBatches(ds, seq_len=32, batch_size=4, seed=3)
+    for _ in range(3):
+        next(it)
+        states.append(it.state)
+    resumed = PackedBatches(ds, seq_len=32, batch_size=4, seed=3, state=states[-1])
+    for b in batches[3:]:
+        np.testing.assert_array_equal(next(resumed).input_ids, b.input_ids)
+    docs = {tuple(ds.tokens[a:b]) for a, b in zip(ds.offsets[:-1], ds.offsets[1:])}
+    pieces = 0
+    for b in batches:
+        for ids, seg in zip(b.input_ids, b.segment_ids):
+            real = int(np.sum(seg > 0))
+            assert np.all(seg[real:] == 0) and np.all(np.diff(seg[:real]) >= 0)  # padding only at the end
+            for s in range(1, seg.max() + 1):
+                assert tuple(ids[seg == s]) in docs  # every piece is one whole document (all fit in a row)
+                pieces += 1
+    assert pieces > 6 * 4  # rows hold several documents
+    assert batches[-1].input_ids.tolist() != batches[0].input_ids.tolist()
+    # the epoch wraps around into a new order
+    assert states[-1].cursor > 0 and PackedBatches(ds, 32, 4, 3, DataState(5, 0)).order(5).tolist() != \
+        PackedBatches(ds, 32, 4, 3).order(0).tolist()
+    # two processes get the two halves of the same global batch
+    halves = [next(PackedBatches(ds, 32, 4, 3, process_index=i, process_count=2)) for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate([h.input_ids for h in halves]), batches[0].input_ids)
+
+
+def test_long_documents_are_cut_into_rows(tmp_path):
+    from train.data import write_token_dataset
+    ds = TokenDataset(write_token_dataset(tmp_path / "d", [list(range(1, 71))], 128))
+    b = next(PackedBatches(ds, seq_len=32, batch_size=3, seed=0))
+    assert sorted(int((s > 0).sum()) for s in b.segment_ids) == [6, 32, 32]
+    assert sorted(np.concatenate([i[s > 0] for i, s in zip(b.input_ids, b.segment_ids)]).tolist()) == \
+        list(range(1, 71))
+
+
+def test_prepare_tokenizes_text_with_eos(tmp_path):
+    from m1jax.tokenizer import train_bpe_tokenizer
+    texts = ["the cat sat on the mat", "12+34=46", "a dog"]
+    tok = train_bpe_tokenizer(texts * 20, vocab_size=300)
+    tok_path = tok.save(tmp_path / "tok")
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
+    (tmp_path / "c.txt").write_text("one more line\n\n")
+    ds = TokenDataset(prepare([tmp_path / "c.jsonl", tmp_path / "c.txt"], tok_path, tmp_path / "out"))
+    assert len(ds) == 4 and ds.tokens.dtype == np.uint16
+    first = ds.tokens[ds.offsets[0]:ds.offsets[1]].tolist()
+    assert first[-1] == tok.eos_token_id and tok.decode(first[:-1]) == texts[0]
+    with pytest.raises(DataError, match="'text' field"):
+        (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
+        prepare([tmp_path / "bad.jsonl"], tok_path, tmp_path / "out2")
+    with pytest.raises(DataError, match="vocab_size=64"):
+        ds.check_vocab(64)
+
+
+# ---- loss ------------------------------------------------------------------------------------------
+def test_packed_loss_equals_documents_run_alone(tmp_path):
+    """Padding and document boundaries are excluded, and nothing leaks between packed documents."""
+    cfg = tiny_config(tmp_path).model_config()
+    model = init_model(cfg, 1)
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(1, 64, n).astype(np.int32) for n in (7, 12, 5)]
+    ids = np.zeros((1, 32), np.int32)
+    seg = np.zeros((1, 32), np.int32)
+    at = 0
+    for s, d in enumerate(docs, 1):
+        ids[0, at:at + len(d)], seg[0, at:at + len(d)] = d, s
+        at += len(d)
+    ids[0, at:] = rng.integers(1, 64, 32 - at)  # garbage under padding must not matter
+    packed = loss_terms(model, params_of(model), jnp.asarray(ids), jnp.asarray(seg), jnp.float32, "none").ce_sum
+    alone = np.zeros((len(docs), 32), np.int32)  # each document alone at the start of a row
+    for r, d in enumerate(docs):
+        alone[r, :len(d)] = d
+    logp = np.asarray(jax.nn.log_softmax(forward(model, jnp.asarray(alone)).logits))
+    expected = -sum(logp[r, t, d[t + 1]] for r, d in enumerate(docs) for t in range(len(d) - 1))
+    np.testing.assert_allclose(float(packed), expected, rtol=1e-5)
+
+
+def test_aux_loss_matches_transformers_on_the_models_router_logits(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from transformers.models.minimax.modeling_minimax import load_balancing_loss_func
+    import m1jax.layers.moe as moe
+
+    cfg = tiny_config(tmp_path).model_config()
+    model = init_model(cfg, 2)
+    ids = jnp.asarray(np.random.default_rng(1).integers(1, 64, (2, 16)), jnp.int32)
+    seg = jnp.asarray(np.r_[[1] * 10 + [2] * 4 + [0] * 2, [1] * 16].reshape(2, 16), jnp.int32)
+    recorded = []
+    route = moe.route
+
+    def recording_route(x, router, top_k, *a, **k):
+        out = route(x, router, top_k, *a, **k)
+        jax.debug.callback(lambda logits: recorded.append(np.array(logits)), out[0], ordered=True)
+        return out
+
+    monkeypatch.setattr(moe, "route", recording_route)
+    aux = float(loss_terms(model, params_of(model), ids, seg, jnp.float32, "none").aux)
+    assert len(recorded) == cfg.num_layers
+    expected = load_balancing_loss_func(tuple(torch.from_numpy(r) for r in recorded), cfg.num_experts,
+                                        cfg.num_experts_per_tok, torch.from_numpy(np.asarray(seg > 0)))
+    np.testing.assert_allclose(aux, float(expected), rtol=1e-5)
+
+
+# ---- the step --------------------------------------------------------------------------------------
+def test_loss_decreases_and_master_weights_stay_fp32(tmp_path):
+    tcfg = tiny_config(tmp_path, run={"steps": 40, "compute_dtype": "bfloat16"})
+    trainer = make_trainer(tcfg.model_config(), tcfg, make_mesh(devices=jax.devices()[:1]))
+    state, hist = run_steps(trainer, PackedBatches(TokenDataset(tcfg.data.path), 32, 8, 0), 40)
+    first, last = np.mean([h["ce"] for h in hist[:3]]), np.mean([h["ce"] for h in hist[-3:]])
+    assert last < 0.6 * first, (first, last)
+    assert all(h["skipped"] == 0 for h in hist) and int(state.step) == 40
+    assert {p.dtype for p in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+    assert 0 < hist[-1]["lr"] < hist[5]["lr"]  # cosine decay after warmup
+    assert all(h["expert_load_max"] >= h["expert_load_mean"] >= 1 for h in hist)
+
+
+def test_sharded_accumulated_step_equals_single_device_full_batch(tmp_path):
+    """data x fsdp x expert = 2 x 2 x 2 virtual CPU devices, 2 accumulated micro-batches and remat, against one
+    device taking the whole batch at once (aux losses off: they are pooled per micro-batch)."""
+    results = {}
+    for name, accum, mesh in (("one", 1, make_mesh(devices=jax.devices()[:1])),
+                              ("eight", 2, make_mesh(data=2, fsdp=2, expert=2))):
+        tcfg = tiny_config(tmp_path, data={"grad_accum": accum}, loss={"aux_coef": 0.0, "z_coef": 0.0},
+                           run={"remat": "full"})
+        trainer = make_trainer(tcfg.model_config(), tcfg, mesh)
+        state, hist = run_steps(trainer, PackedBatches(TokenDataset(tcfg.data.path), 32, 8, 0), 2)
+        results[name] = (hist, state)
+    w1 = results["eight"][1].params["cycles"]["layers"][0]["moe"]["w1"]
+    assert len(w1.sharding.device_set) == 8 and w1.addressable_shards[0].data.shape[1] == 2  # experts split
+    for a, b in zip(results["one"][0], results["eight"][0]):
+        for k in ("loss", "ce", "grad_norm", "expert_load_max", "target_tokens"):
+            np.testing.assert_allclose(a[k], b[k], rtol=2e-5, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5),
+                 results["one"][1].params, results["eight"][1].params)
+
+
+def test_non_finite_step_is_skipped_without_touching_the_state(tmp_path):
+    tcfg = tiny_config(tmp_path)
+    trainer = make_trainer(tcfg.model_config(), tcfg, make_mesh(devices=jax.devices()[:1]))
+    params = trainer.random_params()
+    params["final_norm"]["weight"] = params["final_norm"]["weight"].at[0].set(jnp.nan)
+    state = trainer.init(params)
+    before = jax.tree.map(np.asarray, state)
+    batch = next(PackedBatches(TokenDataset(tcfg.data.path), 32, 8, 0))
+    state, m = trainer.step(state, *(jax.device_put(x, trainer.batch_sharding) for x in batch))
+    assert m["skipped"] == 1 and not np.isfinite(float(m["loss"]))
+    assert int(state.step) == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), before.params)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.opt_state), before.opt_state)
