@@ -165,7 +165,7 @@ def main() -> None:
     ceiling = rows[-1]["tflops"] or float("nan")
     del a, b
 
-    ragged = moe_layer(experts_ragged)
+    ragged = moe_layer(lambda *a: experts_ragged(*a, grouped_matmul=jax.lax.ragged_dot))
     row("ragged (jax.lax.ragged_dot)", ragged, (params, x), tokens, against=dense)
     if gpu:
         from pallas_kernels.grouped_matmul import grouped_matmul

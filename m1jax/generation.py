@@ -81,7 +81,7 @@ def _row_counts(router: dict) -> tuple[Array, Array]:
 
 @functools.partial(jax.jit, static_argnames=("dispatch",), donate_argnames=("cache",))
 def prefill_step(model: M1Model, cache: dict, tokens: Int[Array, "batch chunk"], mask: Bool[Array, "batch chunk"],
-                 expert_threshold: Float[Array, " batch"], dispatch: str = "ragged"):
+                 expert_threshold: Float[Array, " batch"], dispatch: str = "auto"):
     """Append one chunk to the cache. Returns (logits of the chunk's last token [batch, vocab], cache,
     routing counts [batch, layers, E], skipped counts [batch, layers, E])."""
     out = forward(model, tokens, attention_mask=mask, cache=cache, expert_threshold=expert_threshold,
@@ -90,7 +90,7 @@ def prefill_step(model: M1Model, cache: dict, tokens: Int[Array, "batch chunk"],
 
 
 def prefill(model: M1Model, cache: dict, tokens: Int[Array, "batch len"], mask: Bool[Array, "batch len"] | None = None,
-            *, chunk_size: int = 2048, expert_threshold=None, dispatch: str = "ragged"):
+            *, chunk_size: int = 2048, expert_threshold=None, dispatch: str = "auto"):
     """Append a (left-padded) prompt to the cache chunk by chunk: peak activation memory follows `chunk_size`.
 
     The first chunk takes the remainder, so left padding only ever precedes real tokens (where a zero lightning
@@ -115,7 +115,7 @@ def prefill(model: M1Model, cache: dict, tokens: Int[Array, "batch len"], mask: 
 
 
 @functools.partial(jax.jit, static_argnames=("dispatch",), donate_argnames=("cache",))
-def decode_step(model: M1Model, cache: dict, tokens: Int[Array, " batch"], dispatch: str = "ragged"):
+def decode_step(model: M1Model, cache: dict, tokens: Int[Array, " batch"], dispatch: str = "auto"):
     """One token per row through the model: (next-token logits [batch, vocab] fp32, cache)."""
     out = forward(model, tokens[:, None], cache=cache, dispatch=dispatch)
     return out.logits[:, 0], out.cache
@@ -150,7 +150,7 @@ class DecodeState(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("mode", "dispatch"), donate_argnames=("state",))
 def decode(model: M1Model, state: DecodeState, params: DecodeParams, until: Int[Array, ""], mode: str,
-           dispatch: str = "ragged") -> DecodeState:
+           dispatch: str = "auto") -> DecodeState:
     """Sample until step `until` or every row is done, all inside one `lax.while_loop`.
 
     Each iteration samples one token per running row, applies the thinking budget (a row whose open <think>
@@ -284,7 +284,7 @@ class Generation:
                  stop_strings: Sequence[str] | Sequence[Sequence[str]] = (), thinking_budget=None,
                  think_ids: tuple[int, int] | None = None, expert_threshold=None, tokenizer=None,
                  cache: dict | None = None, prefill_chunk: int = 2048, mesh=None,
-                 min_batch: int = 1, min_prompt_len: int = 1, min_new_tokens: int = 1, dispatch: str = "ragged"):
+                 min_batch: int = 1, min_prompt_len: int = 1, min_new_tokens: int = 1, dispatch: str = "auto"):
         cfg = model.config
         self.model, self.tokenizer, self.dispatch = model, tokenizer, dispatch
         tokens, mask = _left_padded(prompts, attention_mask, cfg.vocab_size)
@@ -455,7 +455,7 @@ class Generation:
 def generate(model: M1Model, inputs, *, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, seed=0,
              stop=None, thinking_budget=None, tokenizer=None, expert_threshold=None, attention_mask=None,
              cache: dict | None = None, prefill_chunk: int = 2048, chat: bool = False,
-             think_ids: tuple[int, int] | None = None, mesh=None, dispatch: str = "ragged") -> GenerationOutput:
+             think_ids: tuple[int, int] | None = None, mesh=None, dispatch: str = "auto") -> GenerationOutput:
     """Generate continuations of a batch of prompts; see `Generation` for the per-row settings.
 
     inputs: a string or list of strings (needs `tokenizer`; with `chat=True` each string is a user message

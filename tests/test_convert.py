@@ -21,12 +21,12 @@ from checkpoints_convert import (convert_hf_to_orbax, is_orbax_checkpoint, load_
                                  read_config, save_orbax_checkpoint)
 from checkpoints_convert.cli import main
 from checkpoints_convert.staging import staging_path
-from hf_oracle import hf_config, hf_logits, random_hf_model, save_hf_model
+from hf_oracle import BUFFERS, hf_config, hf_logits, hf_tensors, random_hf_model, save_hf_model, save_layout
 from m1jax import PRESETS
 from m1jax.model import params_of
 from m1jax.sharding import make_mesh, param_shardings
 from m1jax.weights import CheckpointError, load_hf_checkpoint
-from test_weights import BUFFERS, PATTERN, assert_trees_equal, expected_params, hf_tensors, read_all, save_layout
+from test_weights import PATTERN, assert_trees_equal, expected_params, read_all
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,11 +8,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import save_file
 
 import m1jax
-from hf_oracle import hf_config, hf_logits, random_hf_model, save_hf_model
+from hf_oracle import hf_config, hf_logits, random_hf_model, save_hf_model, save_layout
 
 M1_PATTERN = ("lightning", "lightning", "lightning", "softmax")
 EARLY_SOFTMAX = ("softmax", "lightning", "lightning", "softmax", "lightning", "lightning")
@@ -20,15 +18,6 @@ EARLY_SOFTMAX = ("softmax", "lightning", "lightning", "softmax", "lightning", "l
 
 def rel_err(got, want):
     return float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
-
-
-def save_fused_layout(model, directory):
-    """Write transformers' in-memory layout (fused mlp.experts.gate_up_proj / down_proj, mlp.gate) by hand."""
-    directory.mkdir()
-    tensors = {name: t.contiguous() for name, t in model.state_dict().items()}
-    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    model.config.to_json_file(directory / "config.json")
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +30,7 @@ def saved(tmp_path_factory):
         if key not in cache:
             hf = random_hf_model(hf_config(pattern, block_size=block_size), seed=len(cache))
             d = tmp_path_factory.mktemp("hf")
-            path = save_hf_model(hf, d / "m") if layout == "original" else save_fused_layout(hf, d / "m")
+            path = save_hf_model(hf, d / "m") if layout == "original" else save_layout(hf, d / "m", layout)
             cache[key] = hf, m1jax.from_pretrained(path)
         return cache[key]
 
@@ -63,7 +52,7 @@ def test_softmax_layers_not_only_last(saved):
 
 
 def test_fused_transformers_layout(saved):
-    hf, model = saved(layout="fused")
+    hf, model = saved(layout="transformers")
     names = json.dumps(list(hf.state_dict()))
     assert "gate_up_proj" in names
     ids = np.random.default_rng(2).integers(0, hf.config.vocab_size, (2, 17))

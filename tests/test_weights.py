@@ -16,59 +16,13 @@ import torch
 from jax.sharding import NamedSharding, PartitionSpec
 from safetensors.torch import save_file
 
-from hf_oracle import hf_config, random_hf_model, save_hf_model
+from hf_oracle import BUFFERS, hf_config, hf_tensors, random_hf_model, save_hf_model, save_layout, write_checkpoint
 from m1jax import PRESETS, abstract_params, get_preset
 from m1jax.config import ModelConfig
 from m1jax.weights import (CheckpointError, hf_tensor_specs, iter_hf_tensors, load_hf_checkpoint, param_specs,
                            read_safetensors_header, scan_checkpoint)
 
 PATTERN = ("lightning", "lightning", "softmax") * 2  # cycle of 3, two cycles: stacking over cycles is exercised
-BUFFERS = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-# ---- writing HF checkpoints (shared with test_convert.py) ---------------------------------------
-def hf_tensors(model, layout="original", dtype="float32", router_dtype="float32") -> dict[str, torch.Tensor]:
-    """The model's tensors under `layout`'s names, cast (router separately), decay buffers included."""
-    I = model.config.intermediate_size
-    out = {}
-    for name, t in model.state_dict().items():
-        if name.endswith(BUFFERS):
-            out[name] = t
-        elif name.endswith("mlp.gate.weight"):
-            key = name if layout == "transformers" else name.replace(".mlp.", ".block_sparse_moe.")
-            out[key] = t.to(TORCH_DTYPES[router_dtype])
-        elif layout == "original" and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            prefix = name.rsplit(".mlp.", 1)[0] + ".block_sparse_moe.experts"
-            for e in range(t.shape[0]):
-                if name.endswith("gate_up_proj"):
-                    out[f"{prefix}.{e}.w1.weight"] = t[e, :I].to(TORCH_DTYPES[dtype])
-                    out[f"{prefix}.{e}.w3.weight"] = t[e, I:].to(TORCH_DTYPES[dtype])
-                else:
-                    out[f"{prefix}.{e}.w2.weight"] = t[e].to(TORCH_DTYPES[dtype])
-        else:
-            out[name] = t.to(TORCH_DTYPES[dtype])
-    return {k: v.contiguous() for k, v in out.items()}
-
-
-def write_checkpoint(directory, tensors: dict, config: dict, shards: int = 3):
-    """Scatter tensors over `shards` files (round robin, so layers span files) with an index, like M1's."""
-    directory.mkdir(parents=True, exist_ok=True)
-    files = [f"model-{i:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
-    weight_map = {name: files[i % shards] for i, name in enumerate(sorted(tensors))}
-    for file in files:
-        save_file({n: t for n, t in tensors.items() if weight_map[n] == file}, directory / file,
-                  metadata={"format": "pt"})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (directory / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    (directory / "config.json").write_text(json.dumps(config))
-    return directory
-
-
-def save_layout(model, directory, layout="original", dtype="float32", router_dtype="float32", shards=3):
-    config = {**model.config.to_dict(), "dtype": dtype}
-    return write_checkpoint(directory, hf_tensors(model, layout, dtype, router_dtype), config, shards)
 
 
 def read_all(directory) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ from jaxtyping import Array, Float, Int
 from m1jax.config import ModelConfig
 from m1jax.layers.common import ACTIVATIONS, dense_param
 from m1jax.layers.moe_ep import resolve_dispatch
+from pallas_kernels import grouped_matmul
 
 
 def route(x: Float[Array, "tokens d"], router: Float[Array, "d experts"], top_k: int,
@@ -62,7 +63,7 @@ def experts_dense(x, w1, w3, w2, weights, experts, act):
     return jnp.einsum("ted,te->td", y.astype(jnp.float32), combine).astype(x.dtype)
 
 
-def experts_ragged(x, w1, w3, w2, weights, experts, act, grouped_matmul=jax.lax.ragged_dot):
+def experts_ragged(x, w1, w3, w2, weights, experts, act, grouped_matmul=grouped_matmul):
     """Sorted dispatch: token copies sorted by expert, three grouped matmuls, weighted scatter-add back."""
     t, k = experts.shape
     flat = experts.reshape(-1)

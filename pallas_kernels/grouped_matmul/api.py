@@ -40,7 +40,7 @@ def grouped_matmul(
     """
     _check_operands(lhs, rhs, group_sizes)
     if impl == "auto":
-        impl = _AUTO.get(jax.default_backend(), "reference")
+        impl = _auto_impl(lhs, rhs, tiling)
     if impl == "reference":
         return reference.grouped_matmul(lhs, rhs, group_sizes, preferred_element_type)
     if impl not in _KERNELS:
@@ -54,6 +54,19 @@ def grouped_matmul(
         interpret = jax.default_backend() == "cpu"
     out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs, rhs))
     return _kernel_gmm(impl, tiling, out_dtype, interpret, lhs, rhs, group_sizes.astype(jnp.int32))
+
+
+def _auto_impl(lhs, rhs, tiling) -> str:
+    """The default backend's kernel when it can take these operands, else the reference."""
+    impl = _AUTO.get(jax.default_backend(), "reference")
+    if impl == "reference" or lhs.dtype != rhs.dtype:
+        return "reference"
+    kernels = _KERNELS[impl]
+    try:
+        kernels.check(kernels.DEFAULT_TILING if tiling is None else Tiling(*tiling), k=lhs.shape[1], n=rhs.shape[2])
+    except ValueError:
+        return "reference"
+    return impl
 
 
 def _check_operands(lhs, rhs, group_sizes) -> None:
