@@ -7,15 +7,18 @@
 
 Every row is printed (markdown) as soon as it is measured, so a run killed at its time limit keeps what it measured.
 Order, most valuable first: correctness on the device (bf16 kernels vs the fp32 XLA path); Pallas forward and
-forward+backward at the default tuning; fla's ``chunk_simple_gla`` in a time-boxed subprocess (timed as in
-shared/bench/anchor_torch.py; its first call, Triton autotuning included, is timed and printed); a decode step at
-batch 64 against its memory floor; the XLA anchor at the largest T <= 32K (forward only, one warm-up and 3 calls);
-then a sweep of forward tunings at that T (``SWEEP``, the default first; then chunks per block and the local-state
-tile around the fastest), each row with its output's error against the default's, and forward+backward for the two
-fastest, with gradient errors against the default's. The sweep compiles in background threads while the earlier
-parts run. TB/s counts minimal bytes (q, k, v read and o written forward; plus do read and dq, dk, dv written
-backward) against a 2 GiB copy measured in the same run. Every part is guarded: a failure prints its traceback and
-the run goes on; no part starts once --budget seconds have passed since start-up (or if it would not fit).
+forward+backward at the default tuning; fla's ``chunk_simple_gla`` (timed as in shared/bench/anchor_torch.py, in a
+subprocess started at start-up so that its first calls, Triton autotuning of about a hundred configs, overlap this
+process's compiles; it is stopped while anything here is timed, times its own calls alone, and is killed if its
+first calls are not done --after-fla seconds before the budget ends; the first calls' seconds are printed); a
+decode step at batch 64 against its memory floor; the XLA anchor at the largest T <= 32K (forward only, one warm-up
+and 3 calls); then a sweep of forward tunings at that T (``SWEEP``, the default first; then chunks per block and
+the local-state tile around the fastest), each row with its output's error against the default's, and
+forward+backward for the two fastest, with gradient errors against the default's. The sweep compiles in background
+threads while the earlier parts run. TB/s counts minimal bytes (q, k, v read and o written forward; plus do read
+and dq, dk, dv written backward) against a 2 GiB copy measured in the same run. Every part is guarded: a failure
+prints its traceback and the run goes on; no part starts once --budget seconds have passed since start-up, or if
+its estimated cost would not fit.
 """
 
 import os
@@ -43,41 +46,49 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pallas_kernels import lightning_attention, lightning_decode_step  # noqa: E402
+from pallas_kernels.lightning.api import GPU_CHUNK  # noqa: E402
 from pallas_kernels.lightning.pallas_gpu import DEFAULT_TUNING, Tuning, lightning_attention_pallas_gpu  # noqa: E402
 
 F32, BF16 = jnp.float32, jnp.bfloat16
-GPU_CHUNK = 64  # the chunk size lightning_attention uses on GPU (api.GPU_CHUNK)
 
 # Forward tunings at T=32K, most promising first (the default first: every other row is compared with it). Each
 # compiles for sm_90a without register spills and fits shared memory (tests/kernels/test_lightning_pallas.py).
-# At chunk 64 with 8 warps Triton computes Q K^T on both warpgroups (a chained dot puts all warps on M=64), so
-# 4 warps or chunk 128 do no redundant products; BV < head dim recomputes Q K^T once per v-tile. 2 stages issue
-# the next chunk's loads only after the current chunk's work (no overlap); 3 stages prefetch one chunk ahead.
+# What they trade (Triton 3.6, ptxas): at 2 stages the next chunk's loads are issued after this chunk's work (no
+# overlap), at 3 one chunk ahead; at chunk 64 with 8 warps both warpgroups compute the same Q K^T (a chained dot
+# puts all warps on M=64), 4 warps or chunk 128 do not; BV < head dim recomputes Q K^T once per v-tile; the output
+# kernel's registers and shared memory allow 1 program per SM at the default, 2 at 8 warps with BV 32 and at
+# 4 warps (3 with BV 16), so that one program's serial chunk chain hides another's latency.
 SWEEP = [  # (label, chunk, tuning)
     ("default", GPU_CHUNK, DEFAULT_TUNING),
     ("3 stages", 64, Tuning(num_stages=3)),
-    ("4 warps, BV 32, 3 stages", 64, Tuning(num_warps=4, block_v=32, local_block_v=32, num_stages=3)),
+    ("4 warps, BV 32, 3 stages", 64, Tuning(num_warps=4, block_v=32, local_block_v=32, block_k=32, num_stages=3)),
     ("BV 128, 3 stages", 64, Tuning(block_v=128, local_block_v=128, num_stages=3)),
-    ("4 warps, 2 stages", 64, Tuning(num_warps=4)),
+    ("4 warps", 64, Tuning(num_warps=4, block_k=32)),
     ("BV 32, 3 stages", 64, Tuning(block_v=32, num_stages=3)),
     ("4 stages", 64, Tuning(num_stages=4)),
-    ("4 warps, BV 16, local BV 32", 64, Tuning(num_warps=4, block_v=16, local_block_v=32)),
+    ("4 warps, BV 16, local BV 32", 64, Tuning(num_warps=4, block_v=16, local_block_v=32, block_k=32)),
     ("BV 32", 64, Tuning(block_v=32)),
     ("BV 128", 64, Tuning(block_v=128, local_block_v=128)),
-    ("chunk 128, 4 chunks/block", 128, Tuning(chunks_per_block=4)),
-    ("chunk 128, BV 32, 3 stages", 128, Tuning(chunks_per_block=4, block_v=32, local_block_v=32, num_stages=3)),
+    ("chunk 128", 128, Tuning(chunks_per_block=4)),
 ]
+# With packed segments (segment_ids) the kernels hold more registers: these tunings then spill (the test checks it).
+SPILLS_WHEN_PACKED = {"4 warps, BV 32, 3 stages", "BV 128, 3 stages", "4 warps", "4 warps, BV 16, local BV 32",
+                      "BV 128", "chunk 128"}
 LOCAL_BLOCK_V = {8: (32, 64, 128), 4: (32, 64)}  # local-state tiles without spills, by num_warps
 
 
-def refinements(chunk: int, tuning: Tuning) -> list[tuple[int, Tuning]]:
+def refinements(label: str, chunk: int, tuning: Tuning) -> list[tuple[str, int, Tuning]]:
     """Second sweep round around the fastest first-round config: chunks per block and the local-state tile."""
     cpbs = [n for n in (tuning.chunks_per_block * 2, tuning.chunks_per_block * 4, tuning.chunks_per_block // 2)
             if n >= 1]
-    out = [(chunk, dataclasses.replace(tuning, chunks_per_block=n)) for n in cpbs]
-    out += [(chunk, dataclasses.replace(tuning, local_block_v=bv)) for bv in LOCAL_BLOCK_V[tuning.num_warps]
-            if bv != tuning.local_block_v]
+    out = [(f"{label}; {n} chunks/block", chunk, dataclasses.replace(tuning, chunks_per_block=n)) for n in cpbs]
+    out += [(f"{label}; local BV {bv}", chunk, dataclasses.replace(tuning, local_block_v=bv))
+            for bv in LOCAL_BLOCK_V[tuning.num_warps] if bv != tuning.local_block_v]
     return out
+
+
+def packed_note(label: str) -> str:
+    return " (spills registers with packed segments)" if label.split(";")[0] in SPILLS_WHEN_PACKED else ""
 
 
 def describe(chunk: int, t: Tuning) -> str:
@@ -100,8 +111,8 @@ class Budget:
 
     def allows(self, what: str, need: float) -> bool:
         if self.left() < need:
-            print(f"\n(skipped {what}: {self.left():.0f} s of the {self.seconds:.0f} s budget left, needs ~{need:.0f} s)",
-                  flush=True)
+            print(f"\n(skipped {what}: {self.left():.0f} s of the {self.seconds:.0f} s budget left, "
+                  f"needs ~{need:.0f} s)", flush=True)
             return False
         return True
 
@@ -151,21 +162,26 @@ def rel_device(x, ref) -> float:
     return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
 
 
-class Compiler:
-    """Ahead-of-time compilation in background threads: lowered here, compiled in the pool (XLA releases the GIL)."""
+class Job:
+    """A function lowered now and compiled in a background thread (XLA releases the GIL while it compiles)."""
+    pool = concurrent.futures.ThreadPoolExecutor(4)
 
-    def __init__(self, workers: int):
-        self.pool = concurrent.futures.ThreadPoolExecutor(workers)
+    def __init__(self, fn, *args):
+        self.lowered = jax.jit(fn).lower(*args)
+        self.future = self.pool.submit(self._compile)
 
-    def submit(self, fn, *args) -> concurrent.futures.Future:
-        try:
-            lowered = jax.jit(fn).lower(*args)
-        except Exception as e:  # noqa: BLE001 - reported when the result is asked for
-            future = concurrent.futures.Future()
-            future.set_exception(e)
-            return future
+    def _compile(self):
         t0 = time.perf_counter()
-        return self.pool.submit(lambda: (lowered.compile(), time.perf_counter() - t0))
+        return self.lowered.compile(), time.perf_counter() - t0
+
+    def result(self):
+        """(compiled function, compile seconds); compiled in this thread if the background compile failed."""
+        try:
+            return self.future.result()
+        except Exception:  # noqa: BLE001 - e.g. a compiler that is not thread-safe: try once more here
+            traceback.print_exc()
+            print("(background compile failed: compiling in the main thread)", flush=True)
+            return self._compile()
 
 
 def copy_ceiling_tb_s() -> float:
@@ -200,7 +216,6 @@ def attention_fns(slopes, impl="pallas_gpu", chunk=None, tuning=None, interpret=
 class Run:
     args: argparse.Namespace
     budget: Budget
-    compiler: Compiler
     ceiling: float | None = None
     times: dict = dataclasses.field(default_factory=dict)      # (impl, T, pass) -> ms
     inputs: dict = dataclasses.field(default_factory=dict)     # T -> (q, k, v, do)
@@ -270,15 +285,14 @@ def bench_pallas_default(run: Run, seqs, quiet_gpu):
     jobs = []
     for seq in seqs:
         q, k, v, do = run.get_inputs(seq)
-        jobs += [(seq, "fwd", run.compiler.submit(fwd, q, k, v), (q, k, v)),
-                 (seq, "fwd+bwd", run.compiler.submit(fwd_bwd, q, k, v, do), (q, k, v, do))]
-    concurrent.futures.wait([future for _, _, future, _ in jobs])
+        jobs += [(seq, "fwd", Job(fwd, q, k, v), (q, k, v)), (seq, "fwd+bwd", Job(fwd_bwd, q, k, v, do), (q, k, v, do))]
+    concurrent.futures.wait([job.future for _, _, job, _ in jobs])
     section(f"Pallas (default tuning: {describe(GPU_CHUNK, DEFAULT_TUNING)})",
             ["impl", "T", "pass", "ms", "TB/s (% copy ceiling)", "compile s"])
     with quiet_gpu():
-        for seq, pass_, future, inputs in jobs:
+        for seq, pass_, job, inputs in jobs:
             def one():
-                compiled, compile_s = future.result()
+                compiled, compile_s = job.result()
                 ms = time_jax(compiled, *inputs)
                 run.times[("pallas_gpu", seq, pass_)] = ms
                 if seq == run.args.sweep_seq:  # the reference of the sweep rows
@@ -467,7 +481,7 @@ class Sweep:
     def __init__(self, run: Run, seq: int):
         self.run, self.seq = run, seq
         self.slopes = jnp.asarray(minimax_slopes(run.args.heads))
-        self.pending: list[tuple[str, int, Tuning, concurrent.futures.Future]] = []
+        self.pending: list[tuple[str, int, Tuning, Job]] = []
         self.results: dict[tuple[int, Tuning], float] = {}
         self.labels: dict[tuple[int, Tuning], str] = {}
 
@@ -478,7 +492,9 @@ class Sweep:
                 continue
             self.labels[(chunk, tuning)] = label
             fwd, _ = attention_fns(self.slopes, chunk=chunk, tuning=tuning, interpret=self.run.args.interpret)
-            self.pending.append((label, chunk, tuning, self.run.compiler.submit(fwd, q, k, v)))
+            job = attempt(f"lowering {label}: {describe(chunk, tuning)}", lambda: Job(fwd, q, k, v))
+            if job:
+                self.pending.append((label, chunk, tuning, job))
 
     def time_pending(self, reserve: float):
         """Time the submitted configs in order; stop (leaving the rest) when ``reserve`` seconds are left."""
@@ -489,14 +505,14 @@ class Sweep:
             if not self.run.budget.allows(f"sweep rows from '{self.pending[0][0]}' on", reserve + 3):
                 self.pending.clear()
                 return
-            label, chunk, tuning, future = self.pending.pop(0)
+            label, chunk, tuning, job = self.pending.pop(0)
 
             def one():
-                compiled, compile_s = future.result()
+                compiled, compile_s = job.result()
                 ms = time_jax(compiled, q, k, v)
                 self.results[(chunk, tuning)] = ms
                 err = f"{rel_device(compiled(q, k, v), ref):.1e}" if ref is not None else ""
-                row(len(self.results), f"{label}: {describe(chunk, tuning)}", f"{ms:.3f}",
+                row(len(self.results), f"{label}: {describe(chunk, tuning)}{packed_note(label)}", f"{ms:.3f}",
                     self.run.tb_s(ms, self.seq, True), f"{default_ms / ms:.2f}x" if default_ms else "",
                     self.run.vs_fla(ms, self.seq, "fwd"), err, f"{compile_s:.1f}")
             attempt(f"sweep {label}", one)
@@ -512,17 +528,20 @@ class Sweep:
         jobs = []
         for chunk, tuning in configs:
             _, fwd_bwd = attention_fns(self.slopes, chunk=chunk, tuning=tuning, interpret=self.run.args.interpret)
-            jobs.append((chunk, tuning, self.run.compiler.submit(fwd_bwd, q, k, v, do)))
+            job = attempt(f"lowering forward+backward {describe(chunk, tuning)}", lambda: Job(fwd_bwd, q, k, v, do))
+            if job:
+                jobs.append((chunk, tuning, job))
         section(f"Forward+backward of the fastest forward tunings, T={self.seq}",
                 ["config", "fwd+bwd ms", "TB/s (% copy ceiling)", "vs default", "vs fla", "dq, dk, dv err vs default",
                  "compile s"])
-        for chunk, tuning, future in jobs:
+        for chunk, tuning, job in jobs:
             def one():
-                compiled, compile_s = future.result()
+                compiled, compile_s = job.result()
                 ms = time_jax(compiled, q, k, v, do)
                 grads = compiled(q, k, v, do)
                 errs = ", ".join(f"{rel_device(g, r):.1e}" for g, r in zip(grads, ref)) if ref is not None else ""
-                row(describe(chunk, tuning), f"{ms:.3f}", self.run.tb_s(ms, self.seq, False),
+                row(f"{self.labels[(chunk, tuning)]}: {describe(chunk, tuning)}", f"{ms:.3f}",
+                    self.run.tb_s(ms, self.seq, False),
                     f"{default_ms / ms:.2f}x" if default_ms else "", self.run.vs_fla(ms, self.seq, "fwd+bwd"), errs,
                     f"{compile_s:.1f}")
             if self.run.budget.allows(f"forward+backward of {describe(chunk, tuning)}", 8):
@@ -531,7 +550,7 @@ class Sweep:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--long", action="store_true", help="also T=128K (Pallas and fla)")
+    parser.add_argument("--long", action="store_true", help="also T=128K (Pallas only)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the tuning sweep")
     parser.add_argument("--seqs", type=str, default=None, help="comma-separated sequence lengths")
     parser.add_argument("--budget", type=float, default=150, help="seconds after start-up past which no part starts")
@@ -543,16 +562,16 @@ def main():
     if args.gpu:
         args.batch, args.heads, args.dim, args.dtype, args.decode_batch = 1, 64, 128, BF16, 64
         seqs = [8192, 32768] + ([131072] if args.long else [])
-        args.interpret, sweep, sweep_reserve = False, SWEEP, 25
+        args.interpret, sweep, sweep_reserve = False, SWEEP, 15
     else:  # a tiny interpret-mode smoke run of every part but fla
         args.batch, args.heads, args.dim, args.dtype, args.decode_batch = 1, 2, 64, F32, 2
         seqs = [256]
-        args.interpret, sweep, sweep_reserve = True, [SWEEP[0], ("BV 32", 64, Tuning(block_v=32))], 0
+        args.interpret, sweep, sweep_reserve = True, [e for e in SWEEP if e[0] in ("default", "BV 32")], 0
     if args.seqs:
         seqs = [int(s) for s in args.seqs.split(",")]
     args.sweep_seq = max([s for s in seqs if s <= 32768] or seqs[:1])
     budget = Budget(args.budget)
-    run = Run(args, budget, Compiler(workers=4))
+    run = Run(args, budget)
     fla = attempt("fla start", lambda: Fla(run, [s for s in seqs if s <= 32768])) if args.gpu else None
     quiet_gpu = fla.paused if fla else contextlib.nullcontext
 
@@ -577,15 +596,17 @@ def main():
         section(f"Sweep of forward tunings, T={args.sweep_seq} (vs default > 1: faster than the default tuning)",
                 SWEEP_HEADER)
         sweeper.time_pending(sweep_reserve)
-        if sweeper.results and args.gpu:
+        if sweeper.results:
             chunk, tuning = sweeper.best(1)[0]
-            sweeper.submit([("refine", c, t) for c, t in refinements(chunk, tuning)])
+            sweeper.submit(refinements(sweeper.labels[(chunk, tuning)], chunk, tuning))
             sweeper.time_pending(sweep_reserve)
         best = [ct for ct in sweeper.best(3) if ct != (GPU_CHUNK, DEFAULT_TUNING)][:2]
         attempt("sweep forward+backward", lambda: sweeper.fwd_bwd(best))
         if sweeper.results:
             chunk, tuning = sweeper.best(1)[0]
-            print(f"\nFastest forward: {describe(chunk, tuning)}, {sweeper.results[(chunk, tuning)]:.3f} ms.\n"
+            label = sweeper.labels[(chunk, tuning)]
+            print(f"\nFastest forward: {label}: {describe(chunk, tuning)}{packed_note(label)}, "
+                  f"{sweeper.results[(chunk, tuning)]:.3f} ms (see its forward+backward row).\n"
                   f"To make it the default: DEFAULT_TUNING = {tuning!r} in pallas_kernels/lightning/pallas_gpu.py"
                   + (f" and GPU_CHUNK = {chunk} in pallas_kernels/lightning/api.py" if chunk != GPU_CHUNK else ""),
                   flush=True)

@@ -27,7 +27,7 @@ for p in ${@:-lightning grouped_matmul moe generate train}; do
     grouped_matmul) part grouped_matmul "${T_GMM:-70}" python3 benchmarks/grouped_matmul.py ;;
     moe) part moe "${T_MOE:-70}" python3 benchmarks/moe.py ;;
     generate) part generate "${T_GENERATE:-110}" python3 benchmarks/generate.py ;;
-    train) part train "${T_TRAIN:-80}" python3 benchmarks/train.py ;;
+    train) part train "${T_TRAIN:-80}" python3 benchmarks/train_step.py ;;
     *) echo "unknown part $p" ;;
   esac
 done

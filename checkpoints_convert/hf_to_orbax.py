@@ -1,8 +1,10 @@
 """`m1jax convert hf-to-orbax`: a Hugging Face safetensors checkpoint -> an m1jax orbax checkpoint, streamed.
 
-Tensors are read one at a time through the index (memory-mapped), stacked per parameter (experts per layer,
-layers per cycle) and each finished parameter is saved at once, so peak host memory is the largest stacked
-parameter plus a tensor or two, whatever the checkpoint's size. `dst` appears only when the conversion is complete.
+Tensors are read one at a time through the index (memory-mapped, the kernel reading ahead), transposed slab by
+slab into a few small buffers and each slab written straight to its place in the stacked parameter's chunk files
+(experts per layer, layers per cycle) on a background thread, so that copying and writing overlap and peak host
+memory is a tensor plus the buffers, whatever the checkpoint's size. `dst` appears only when the conversion is
+complete (and synced to disk).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from checkpoints_convert.orbax_checkpoint import ParamWriter, write_config
 from checkpoints_convert.staging import check_destination, staged_directory
 from m1jax.config import ConfigError, ModelConfig
 from m1jax.sharding import AXES, validate
-from m1jax.weights import (INDEX_FILE, ROUTER_SUFFIXES, CheckpointError, check_checkpoint, check_names, hf_tensor_specs,
-                           is_ignored, iter_params, param_dtype, read_index, scan_checkpoint, set_path)
+from m1jax.weights import (INDEX_FILE, ROUTER_SUFFIXES, CheckpointError, ParamSpec, Piece, check_checkpoint,
+                           check_names, hf_tensor_specs, is_ignored, iter_pieces, param_dtype, read_index,
+                           scan_checkpoint)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +86,7 @@ def convert_hf_to_orbax(src: str | Path, dst: str | Path, *, dtype: str | None =
     tensors = scan_checkpoint(src)
     layout, specs = check_checkpoint(tensors, config, src)
     check_destination(dst, overwrite)
-    sizes = [math.prod(s.shape) * param_dtype(s, tensors, config.dtype, router_dtype).itemsize for s in specs]
-    groups = group_by_size(specs, sizes, max(sizes))
+    dtypes = {s.path: param_dtype(s, tensors, config.dtype, router_dtype) for s in specs}
     model_tensors = [t for n, t in tensors.items() if not is_ignored(n)]
     total = sum(t.nbytes for t in model_tensors)
     start = time.perf_counter()
@@ -92,40 +94,25 @@ def convert_hf_to_orbax(src: str | Path, dst: str | Path, *, dtype: str | None =
             tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="hf-to-orbax",
                  disable=not progress) as bar:
         done: set[str] = set()
-
-        def on_piece(tensor, nbytes):
-            done.add(tensor.name)
-            bar.set_postfix_str(f"{len(done)}/{len(model_tensors)} tensors", refresh=False)
-            bar.update(nbytes)
-
-        writer = ParamWriter(stage)
-        params = iter_params(tensors, specs, dtype=config.dtype, router_dtype=router_dtype, on_piece=on_piece)
-        for group in groups:
-            tree: dict = {}
-            for _ in group:
-                spec, array = next(params)
-                set_path(tree, spec.path, array)
-            writer.save(tree)
-            del tree, array  # free this group before the next one is assembled
-        writer.finish()
+        with ParamWriter(stage, {s.path: (s.shape, dtypes[s.path]) for s in specs}) as writer:
+            for spec, piece, tensor, block in iter_pieces(tensors, specs):
+                dt = dtypes[spec.path]
+                writer.write_block(writer.array(spec.path), block_offset(spec, piece, dt), block, spec.transposed, dt)
+                done.add(tensor.name)
+                bar.set_postfix_str(f"{len(done)}/{len(model_tensors)} tensors", refresh=False)
+                bar.update(block.size * tensor.dtype.itemsize)
         write_config(stage, config, json.loads((src / "config.json").read_text()))
-    router = {str(param_dtype(s, tensors, config.dtype, router_dtype)) for s in specs if s.is_router}
+    router = {str(dtypes[s.path]) for s in specs if s.is_router}
     return Totals(len(model_tensors), len({t.file for t in model_tensors}), total,
                   sum(math.prod(t.shape) for t in model_tensors), layout, "/".join(sorted(router)),
                   time.perf_counter() - start)
 
 
-def group_by_size(items: list, sizes: list[int], budget: int) -> list[list]:
-    """Consecutive items in groups of at most `budget` bytes (an item larger than that alone): fewer, larger
-    orbax saves at the same peak memory as saving the largest parameter alone."""
-    groups, total = [[]], 0
-    for item, size in zip(items, sizes):
-        if groups[-1] and total + size > budget:
-            groups.append([])
-            total = 0
-        groups[-1].append(item)
-        total += size
-    return groups
+def block_offset(spec: ParamSpec, piece: Piece, dtype: np.dtype) -> int:
+    """Byte offset of the piece's block (param[piece.index]) in the parameter's C-order bytes."""
+    lead = spec.shape[:len(piece.index)]
+    return int(np.ravel_multi_index(piece.index, lead)) * math.prod(spec.shape[len(lead):]) * dtype.itemsize \
+        if lead else 0
 
 
 def dry_run(src: str | Path) -> Totals:

@@ -1,34 +1,38 @@
-"""The m1jax orbax checkpoint: the ModelConfig next to an orbax PyTree of the parameters, written in pieces.
+"""The m1jax orbax checkpoint: the ModelConfig next to an orbax PyTree of the parameters, written streamed.
 
     CKPT_DIR/
       m1jax_config.json   ModelConfig.to_dict(): the checkpoint describes itself
       hf_config.json      the source config.json when converted from Hugging Face (orbax-to-hf writes it back)
       params/             an orbax checkpoint of the parameter tree (cycle positions stored as "0", "1", ...)
 
-Parameters are written in groups no bigger than the largest parameter, each group one orbax partial save
-(orbax.checkpoint v1 `partial.save`; `partial.finalize` commits them as one checkpoint), so a writer holds at most
-one parameter's worth of arrays. Arrays are zarr2, uncompressed (weights do not compress; zstd costs throughput),
-without OCDBT (its writer keeps a whole array in memory while writing it); big stacked parameters are chunked per
-cycle, experts per (cycle, expert), so that a sharded restore reads only its own chunks.
+Orbax writes `params/` itself (its metadata, with a one-element stand-in array per parameter); then each
+parameter's zarr2 array is given its full shape and its chunk files are written directly, slab by slab, on a
+background thread (zarr_chunks). That is the format orbax writes without OCDBT (whose writer keeps a whole array
+in memory) and without compression (weights do not compress; zstd costs throughput), and orbax restores it as its
+own; but no writer holds a whole parameter, and there is no orbax save per parameter (~35 ms each, plus an fsync
+per chunk file: the staging directory is synced once, at the end). Chunks split the leading axes only (per
+cycle, experts per (cycle, expert)), so that a sharded restore reads only its own chunks.
 """
 
 from __future__ import annotations
 
-import ctypes
+import glob
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import jax
 import numpy as np
 from orbax.checkpoint.experimental import v1 as ocp
-from orbax.checkpoint.experimental.v1 import partial
 
+from checkpoints_convert.background_writer import BackgroundWriter
 from checkpoints_convert.staging import staged_directory
+from checkpoints_convert.zarr_chunks import ZARRAY, ChunkedArray, ChunkLayout
 from m1jax.config import ModelConfig
-from m1jax.weights import ROUTER, CheckpointError, ParamPath, get_path, param_specs, set_path
+from m1jax.weights import (ROUTER, CheckpointError, ParamPath, ParamSpec, Piece, get_path, iter_mapped, param_specs,
+                           set_path)
 
 CONFIG_FILE = "m1jax_config.json"
 HF_CONFIG_FILE = "hf_config.json"
@@ -38,19 +42,17 @@ PARAMS_DIR = "params"
 _MIN_CHUNK = 16 * 2**20  # split along cycles (and experts) only while the blocks stay at least this big
 
 
-def _storage_options(keypath, value):
-    """Storage chunks split the leading axes only, so each chunk is contiguous in the array (tensorstore writes it
-    without a copy): per (cycle, expert) for expert weights, per cycle for other stacked matrices, as far as the
-    blocks stay >= 16 MiB (many small chunk files write slowly). A sharded restore then reads only its own chunks
-    along the layer and expert axes."""
-    keys = [getattr(k, "key", k) for k in keypath]
-    split = 0  # how many leading axes to split
-    if keys[0] == "cycles" and np.ndim(value) >= 3:
-        for n in ((2,) if keys[-1] in ("w1", "w2", "w3") else ()) + (1,):
-            if value.nbytes // math.prod(value.shape[:n]) >= _MIN_CHUNK:
-                split = n
-                break
-    return ocp.options.ArrayOptions.Saving.StorageOptions(shard_axes=tuple(range(split)))
+def chunk_split(path: ParamPath, shape: tuple[int, ...], itemsize: int) -> int:
+    """How many leading axes the storage chunks split: 2 (per cycle and expert) for expert weights, 1 (per
+    cycle) for other stacked matrices, as far as the chunks stay >= 16 MiB (many small files write slowly);
+    else 0 (one chunk). A sharded restore then reads only its own chunks along the layer and expert axes."""
+    if path[0] != "cycles" or len(shape) < 3:
+        return 0
+    nbytes = math.prod(shape) * itemsize
+    for n in ((2,) if path[-1] in ("w1", "w2", "w3") else ()) + (1,):
+        if nbytes // math.prod(shape[:n]) >= _MIN_CHUNK:
+            return n
+    return 0
 
 
 def _save_context() -> ocp.Context:
@@ -58,8 +60,6 @@ def _save_context() -> ocp.Context:
     ctx.array.saving.use_ocdbt = False
     ctx.array.saving.use_compression = False
     ctx.array.saving.use_zarr3 = False
-    ctx.array.saving.scoped_storage_options_creator = _storage_options
-    ctx.memory_options.deepcopy_host_arrays = False  # every save below completes before its array is touched again
     return ctx
 
 
@@ -74,42 +74,60 @@ def _from_orbax(tree):
     return {int(k) if k.isdigit() else k: _from_orbax(v) for k, v in tree.items()}
 
 
-def _return_freed_memory_to_os() -> None:
-    """Fix glibc's mmap threshold at 1 MiB. By default it rises to 32 MiB after big buffers are freed, and
-    tensorstore's write threads then leave every freed chunk buffer in their arenas: RSS grew by one chunk per
-    save, to 2.5x the largest parameter in benchmarks/convert.py. No-op off glibc."""
-    try:
-        ctypes.CDLL(None).mallopt(-3, 2**20)  # M_MMAP_THRESHOLD
-    except (AttributeError, OSError):
-        pass
+def _array_dir(params_dir: Path, path: ParamPath) -> Path:
+    """Where orbax keeps a parameter's zarr2 array without OCDBT: `params/<item>/<keys joined by dots>`."""
+    name = ".".join(map(str, path))
+    found = [d for d in params_dir.glob(f"*/{glob.escape(name)}") if (d / ZARRAY).is_file()]
+    if len(found) != 1:
+        raise CheckpointError(f"{params_dir}: expected one zarr2 array directory */{name} for parameter "
+                              f"{'/'.join(map(str, path))}, found {len(found)} (not written by m1jax?)")
+    return found[0]
 
 
-class ParamWriter:
-    """Save groups of finished parameters into `directory/params`, one orbax partial save per group;
-    `finish` commits them all as one orbax checkpoint."""
+class ParamWriter(BackgroundWriter):
+    """Writes the parameters `params` (path -> (shape, dtype)) of an m1jax checkpoint into `directory/params`.
 
-    def __init__(self, directory: Path):
+    Orbax saves the checkpoint with stand-ins first; then `array(path)` gives each parameter's full-size
+    ChunkedArray to write (`write`, `write_block`) on the background thread. Closing (the end of the `with`)
+    waits for the writes and checks that every parameter was written completely.
+    """
+
+    def __init__(self, directory: Path, params: Mapping[ParamPath, tuple[tuple[int, ...], np.dtype]]):
         self.path = Path(directory) / PARAMS_DIR
-        self._ctx = _save_context()
-        _return_freed_memory_to_os()
-
-    def save(self, params: Mapping) -> None:
-        """Write a (partial) parameter tree now; its arrays may be reused or freed when this returns."""
-        with self._ctx:
-            partial.save(self.path, _to_orbax(params))
-
-    def finish(self) -> None:
+        self._params = dict(params)
+        self._arrays: dict[ParamPath, ChunkedArray] = {}
+        standins: dict = {}
+        for path, (shape, dtype) in self._params.items():
+            set_path(standins, path, np.zeros((1,) * len(shape), dtype))
         absl = logging.getLogger("absl")
         absl.addFilter(_no_ocdbt_merge_warning)
         try:
-            with self._ctx:
-                partial.finalize(self.path)
+            with _save_context():
+                ocp.save(self.path, _to_orbax(standins))
         finally:
             absl.removeFilter(_no_ocdbt_merge_warning)
+        super().__init__()
+
+    def array(self, path: ParamPath) -> ChunkedArray:
+        """The parameter's zarr array at full size (set up on first call), to write at byte offsets."""
+        if path not in self._arrays:
+            shape, dtype = self._params[path]
+            layout = ChunkLayout.rewrite(_array_dir(self.path, path), shape,
+                                         chunk_split(path, shape, np.dtype(dtype).itemsize))
+            self._arrays[path] = ChunkedArray(layout)
+        return self._arrays[path]
+
+    def close(self) -> None:
+        """Wait for the writes, then check that every parameter was written in full."""
+        super().close()
+        unwritten = [path for path in self._params if path not in self._arrays or self._arrays[path].missing]
+        if unwritten:
+            raise CheckpointError(f"{self.path}: {len(unwritten)} parameter(s) not written completely, e.g. "
+                                  + "/".join(map(str, unwritten[0])))
 
 
 def _no_ocdbt_merge_warning(record: logging.LogRecord) -> bool:
-    """finalize always tries to merge OCDBT files and warns that there are none: expected here, since we skip OCDBT."""
+    """orbax always tries to merge OCDBT files and warns that there are none: expected here, since we skip OCDBT."""
     return "Skipping merge of OCDBT" not in record.getMessage()
 
 
@@ -122,13 +140,11 @@ def write_config(directory: Path, config: ModelConfig, hf_config: dict | None = 
 def save_orbax_checkpoint(directory: str | Path, params: Mapping, config: ModelConfig, *,
                           hf_config: dict | None = None, overwrite: bool = False) -> None:
     """Write an in-memory parameter tree (numpy or jax arrays) as an m1jax orbax checkpoint."""
+    arrays = {spec.path: get_path(params, spec.path) for spec in param_specs(config)}
     with staged_directory(directory, overwrite) as stage:
-        writer = ParamWriter(stage)
-        tree: dict = {}
-        for spec in param_specs(config):
-            set_path(tree, spec.path, get_path(params, spec.path))
-        writer.save(tree)
-        writer.finish()
+        with ParamWriter(stage, {p: (tuple(a.shape), np.dtype(a.dtype)) for p, a in arrays.items()}) as writer:
+            for path, array in arrays.items():
+                writer.write(writer.array(path), 0, np.ascontiguousarray(array).reshape(-1).view(np.uint8))
         write_config(stage, config, hf_config)
 
 
@@ -219,20 +235,13 @@ def load_orbax_checkpoint(path: str | Path) -> tuple[ModelConfig, Callable[[Mode
     return read_config(path), restore
 
 
-def param_reader(path: str | Path) -> Callable[[ParamPath], np.ndarray]:
-    """A function reading one stored parameter as a host numpy array: what an exporter needs to stay bounded."""
-    path = Path(path)
-    meta = _metadata(path)
-    _return_freed_memory_to_os()
-    ctx = ocp.Context()
-    ctx.pytree.loading.partial_load = True
-
-    def read(p: ParamPath) -> np.ndarray:
-        if p not in meta:
-            raise CheckpointError(f"{path}: parameter {'/'.join(map(str, p))} is not stored")
-        tree: dict = {}
-        set_path(tree, p, meta[p])  # a numpy metadata leaf restores as a numpy array
-        with ctx:
-            return get_path(_from_orbax(ocp.load(path / PARAMS_DIR, _to_orbax(tree))), p)
-
-    return read
+def iter_stored_blocks(path: str | Path, specs: list[ParamSpec]) -> Iterator[tuple[ParamSpec, Piece, np.ndarray]]:
+    """(spec, piece, the piece's block of the stored parameter) for every piece of `specs`, in order: each block
+    a view of a memory map of its chunk file, valid until the next item (iter_mapped: read ahead, one block in
+    RSS at a time)."""
+    params_dir = _require(Path(path)) / PARAMS_DIR
+    layouts = {spec.path: ChunkLayout.read(_array_dir(params_dir, spec.path)) for spec in specs}
+    items = [(spec, piece) for spec in specs for piece in spec.pieces]
+    blocks = iter_mapped([layouts[spec.path].block(piece.index) for spec, piece in items])
+    for (spec, piece), block in zip(items, blocks):
+        yield spec, piece, block

@@ -2,8 +2,9 @@
 
 Writes `model-0000k-of-0000n.safetensors` shards of at most `max_shard_size` (a tensor larger than that gets a
 shard of its own), `model.safetensors.index.json` and a `config.json` that both transformers' MiniMaxForCausalLM
-and the original remote code read. Parameters are read from orbax one at a time; every shard's header is
-known in advance, so each tensor is written once, in order, straight to its shard.
+and the original remote code read. The stored arrays are read chunk by chunk with tensorstore (the next chunk
+while one is used), every shard's header is known in advance, and each tensor is transposed slab by slab into
+small buffers written straight to its place in its shard on a background thread.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from checkpoints_convert.hf_to_orbax import Totals, group_by_size
-from checkpoints_convert.orbax_checkpoint import param_reader, read_config, read_hf_config, stored_params
+from checkpoints_convert.background_writer import BackgroundWriter, OutputFile
+from checkpoints_convert.hf_to_orbax import Totals
+from checkpoints_convert.orbax_checkpoint import iter_stored_blocks, read_config, read_hf_config, stored_params
 from checkpoints_convert.staging import check_destination, staged_directory
 from m1jax.config import ModelConfig
-from m1jax.weights import (INDEX_FILE, ROUTER_SUFFIXES, CheckpointError, iter_hf_tensors_from, param_specs,
-                           safetensors_dtype)
+from m1jax.weights import INDEX_FILE, ROUTER_SUFFIXES, CheckpointError, param_specs, safetensors_dtype
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -40,6 +41,18 @@ def parse_size(text: str | int) -> int:
     if size <= 0:
         raise argparse.ArgumentTypeError(f"a shard size must be positive, got {text!r}")
     return size
+
+
+def group_by_size(items: list, sizes: list[int], budget: int) -> list[list]:
+    """Consecutive items in groups of at most `budget` bytes (an item larger than that alone)."""
+    groups, total = [[]], 0
+    for item, size in zip(items, sizes):
+        if groups[-1] and total + size > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(item)
+        total += size
+    return groups
 
 
 def safetensors_header(entries) -> bytes:
@@ -91,18 +104,23 @@ def convert_orbax_to_hf(src: str | Path, dst: str | Path, *, max_shard_size: str
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     total = sum(math.prod(shape) * np.dtype(dt).itemsize for _, shape, dt in entries)
     start = time.perf_counter()
-    tensors = iter_hf_tensors_from(param_reader(src), config)
+    blocks = iter_stored_blocks(src, param_specs(config, "original"))
     with staged_directory(dst, overwrite) as stage, \
             tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="orbax-to-hf",
                  disable=not progress) as bar:
-        for file, shard in zip(names, shards):
-            with open(stage / file, "wb") as f:
-                f.write(safetensors_header(shard))
-                for name, _, _ in shard:
-                    got, array = next(tensors)
-                    assert got == name, (got, name)  # the plan and the stream follow the same order
-                    f.write(array.reshape(-1).view(np.uint8).data)
-                    bar.update(array.nbytes)
+        with BackgroundWriter() as writer:
+            for file, shard in zip(names, shards):
+                out = OutputFile(stage / file)
+                header = safetensors_header(shard)
+                writer.write(out, 0, np.frombuffer(header, np.uint8))
+                offset = len(header)
+                for name, _, dtype in shard:
+                    spec, piece, block = next(blocks)
+                    assert piece.name == name, (piece.name, name)  # the plan and the stream follow the same order
+                    writer.write_block(out, offset, block, spec.transposed, dtype)
+                    offset += block.nbytes
+                    bar.update(block.nbytes)
+                writer.call(out.close)
         weight_map = {name: file for file, shard in zip(names, shards) for name, _, _ in shard}
         (stage / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                    indent=2) + "\n")

@@ -118,6 +118,10 @@ def default_positions(token_mask: Array, segment_ids: Array | None) -> Int[Array
     return idx - jax.lax.cummax(jnp.where(new_doc, idx, 0), axis=1)
 
 
+REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
 @functools.partial(jax.jit, static_argnames=("scan", "dispatch", "remat", "last_only"))
 def forward(
     model: M1Model,
@@ -129,7 +133,7 @@ def forward(
     cache: dict | None = None,
     scan: bool = True,
     dispatch: str = "auto",
-    remat: bool = False,
+    remat: bool | str = False,
     expert_threshold: Array | float | None = None,
     last_only: bool = False,
 ) -> Output:
@@ -168,8 +172,8 @@ def forward(
     def run_cycle(x, cycle, slopes_c, caches_c):
         return cycle(x, ctx, slopes_c, caches_c, dispatch)
 
-    if remat:
-        run_cycle = jax.checkpoint(run_cycle, policy=jax.checkpoint_policies.nothing_saveable)
+    if remat:  # True/"full": recompute each layer cycle in the backward pass; "dots": keep its matmul outputs
+        run_cycle = jax.checkpoint(run_cycle, policy=REMAT_POLICIES["full" if remat is True else remat])
 
     if scan:
         def body(x, xs):

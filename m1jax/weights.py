@@ -16,18 +16,22 @@ Parameter tree (`nnx.to_pure_dict` of M1Model; JAX layout = the HF `[out, in]` w
     lm_head [d, vocab]                           lm_head.weight (absent when tie_word_embeddings)
 
 Safetensors files are read one tensor at a time through memory maps (the header is parsed here, so bf16 needs
-no framework), each tensor is transposed straight into a preallocated buffer for its stacked parameter, and a
-parameter is handed on as soon as it is complete: host memory holds one stacked parameter plus one tensor.
+no framework) with the kernel reading ahead. `iter_params` transposes each tensor straight into a preallocated
+buffer for its stacked parameter and hands the parameter on once complete (host memory: one stacked parameter
+plus one tensor); a streaming writer takes `iter_pieces` and `row_slabs` instead and never holds a parameter.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 import json
 import math
 import mmap
+import os
 import struct
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,8 +62,8 @@ _ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 
                 "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items() if v is not None}
 _MAX_HEADER = 100 * 2**20
-_SLAB = 16 * 2**20  # bytes of a mapped tensor copied between releases of its pages
-_TILE = 16  # rows per step of the transposed copy: keeps numpy's strided reads inside L1 (measured best on x86)
+_READ_AHEAD = 256 * 2**20  # bytes of coming tensors the kernel is asked to read while one is copied
+_TILE_BYTES = 32 * 2**10  # source bytes per step of a transposed copy: numpy's strided reads stay inside L1
 
 
 class CheckpointError(ValueError):
@@ -294,45 +298,69 @@ def check_checkpoint(tensors: Mapping[str, TensorInfo], config: ModelConfig,
 
 
 # ---- streaming parameters out of a checkpoint ---------------------------------------------------
-class _MappedTensor:
-    """A read-only memory map of one tensor. The kernel starts reading it ahead as soon as it is mapped, and
-    `release` drops copied parts from this process (they stay in the page cache), so RSS does not grow with it."""
-
-    def __init__(self, info: TensorInfo):
-        self._base = info.start - info.start % mmap.ALLOCATIONGRANULARITY
-        self._delta = info.start - self._base
-        if info.nbytes == 0:
-            self._mm, self.array = None, np.empty(info.shape, info.dtype)
-            return
-        with open(info.file, "rb") as f:
-            self._mm = mmap.mmap(f.fileno(), info.end - self._base, offset=self._base, access=mmap.ACCESS_READ)
-        self._mm.madvise(mmap.MADV_WILLNEED)
-        self.array = np.frombuffer(self._mm, info.dtype, math.prod(info.shape), self._delta).reshape(info.shape)
-
-    def release(self, begin: int, end: int) -> None:
-        """Unmap the pages holding bytes [begin, end) of the tensor."""
-        if self._mm is None:
-            return
-        start = (self._delta + begin) // mmap.PAGESIZE * mmap.PAGESIZE
-        stop = min(self._delta + end, len(self._mm))
-        if stop > start:
-            self._mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+def iter_pieces(tensors: Mapping[str, TensorInfo],
+                specs: list[ParamSpec]) -> Iterator[tuple[ParamSpec, Piece, TensorInfo, np.ndarray]]:
+    """(spec, piece, stored tensor, source block) for every piece of every parameter, parameter by parameter,
+    each parameter's pieces in file order (see iter_mapped). The source block is the HF tensor, or its row
+    range for a fused tensor; it is valid until the next item."""
+    order = [(spec, spec.pieces[i]) for spec in specs
+             for i in sorted(range(len(spec.pieces)), key=lambda i: (tensors[spec.pieces[i].name].file,
+                                                                     tensors[spec.pieces[i].name].start))]
+    for (spec, piece), src in zip(order, iter_mapped([tensors[piece.name] for _, piece in order])):
+        yield spec, piece, tensors[piece.name], src if piece.rows is None else src[..., piece.rows[0]:piece.rows[1], :]
 
 
-def _fill(dst: np.ndarray, mapped: _MappedTensor, piece: Piece, transposed: bool) -> None:
-    """Copy a mapped HF tensor into its block in slabs along its first axis, releasing each slab once copied."""
-    src = mapped.array
+def iter_mapped(tensors: list[TensorInfo]) -> Iterator[np.ndarray]:
+    """Each tensor, in order, as a read-only array in a memory map of its own (in a map of the whole file, the
+    kernel's fault-around would map pages of other tensors), valid until the next one: then its pages leave this
+    process (they stay in the page cache), so RSS holds one tensor. The kernel reads up to _READ_AHEAD bytes of
+    the coming tensors (at least the next one) in the background."""
+    files: dict[Path, int] = {}
+    maps: collections.deque[mmap.mmap | None] = collections.deque()  # of the coming tensors, read ahead
+    ahead, upcoming = 0, 0  # their bytes; the next one to map
+    try:
+        for k, info in enumerate(tensors):
+            while upcoming < len(tensors) and (upcoming <= k + 1 or ahead < _READ_AHEAD):
+                coming = tensors[upcoming]
+                if coming.file not in files:
+                    files[coming.file] = os.open(coming.file, os.O_RDONLY | os.O_CLOEXEC)
+                maps.append(_map_tensor(coming, files[coming.file]))
+                ahead, upcoming = ahead + coming.nbytes, upcoming + 1
+            mapped = maps.popleft()
+            yield (np.empty(0, info.dtype) if mapped is None else np.frombuffer(
+                mapped, info.dtype, math.prod(info.shape), info.start % mmap.ALLOCATIONGRANULARITY)).reshape(info.shape)
+            if mapped is not None:
+                mapped.madvise(mmap.MADV_DONTNEED)
+            ahead -= info.nbytes
+    finally:
+        for fd in files.values():  # the maps stay valid without them
+            os.close(fd)
+
+
+def _map_tensor(info: TensorInfo, fd: int) -> mmap.mmap | None:
+    """A read-only map of the tensor's bytes (from the page boundary before them); the kernel starts reading."""
+    if not info.nbytes:
+        return None
+    base = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+    mapped = mmap.mmap(fd, info.end - base, offset=base, access=mmap.ACCESS_READ)
+    mapped.madvise(mmap.MADV_WILLNEED)
+    return mapped
+
+
+def row_slabs(src: np.ndarray, transposed: bool, max_items: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Cut the block that `src` gives (src with its last two axes swapped when `transposed`) into slabs of
+    consecutive whole rows (a vector: of elements) of at most `max_items` elements, or one row where a row is
+    longer: (the slab's first element in the block, in C order; the part of `src` that copy_block copies there)."""
     if src.ndim < 2:
-        copy_block(dst, src, transposed)
+        for i in range(0, src.size, max_items):
+            yield i, src[i:i + max_items]
         return
-    row = src[0].nbytes
-    step = max(1, _SLAB // max(row, 1))
-    for i in range(0, src.shape[0], step):
-        part = src[i:i + step]
-        if piece.rows is not None:
-            part = part[..., piece.rows[0]:piece.rows[1], :]
-        copy_block(dst[..., i:i + step] if transposed and src.ndim == 2 else dst[i:i + step], part, transposed)
-        mapped.release(i * row, (i + step) * row)
+    rows, cols = src.shape[-2:][::-1] if transposed else src.shape[-2:]
+    step = max(1, max_items // max(cols, 1))
+    for n, lead in enumerate(np.ndindex(src.shape[:-2])):
+        matrix = src[lead]
+        for r in range(0, rows, step):
+            yield (n * rows + r) * cols, matrix[:, r:r + step] if transposed else matrix[r:r + step]
 
 
 def copy_block(dst: np.ndarray, src: np.ndarray, transposed: bool) -> None:
@@ -343,8 +371,9 @@ def copy_block(dst: np.ndarray, src: np.ndarray, transposed: bool) -> None:
     if not transposed:
         np.copyto(dst, src, casting="unsafe")
         return
-    for i in range(0, src.shape[-2], _TILE):
-        np.copyto(dst[..., i:i + _TILE], np.swapaxes(src[..., i:i + _TILE, :], -1, -2), casting="unsafe")
+    tile = min(64, max(16, _TILE_BYTES // max(1, src.shape[-1] * src.itemsize)))  # rows; measured best on x86
+    for i in range(0, src.shape[-2], tile):
+        np.copyto(dst[..., i:i + tile], src[..., i:i + tile, :].swapaxes(-1, -2), casting="unsafe")
 
 
 def param_dtype(spec: ParamSpec, tensors: Mapping[str, TensorInfo], dtype=None, router_dtype=None) -> np.dtype:
@@ -354,27 +383,17 @@ def param_dtype(spec: ParamSpec, tensors: Mapping[str, TensorInfo], dtype=None, 
     return np.dtype(dtype) if dtype else spec.dtype
 
 
-def iter_params(tensors: Mapping[str, TensorInfo], specs: list[ParamSpec], *, dtype=None, router_dtype=None,
-                on_piece: Callable[[TensorInfo, int], None] | None = None) -> Iterator[tuple[ParamSpec, np.ndarray]]:
+def iter_params(tensors: Mapping[str, TensorInfo], specs: list[ParamSpec], *, dtype=None,
+                router_dtype=None) -> Iterator[tuple[ParamSpec, np.ndarray]]:
     """Yield (spec, host array) one parameter at a time, each built in a fresh buffer from memory-mapped tensors.
 
     `dtype` (default: each spec's) applies to every parameter but the router, which keeps its stored dtype
-    unless `router_dtype` is given. `on_piece(tensor, bytes read)` reports progress. The consumer should drop
-    each array before asking for the next: then host memory holds one parameter and a slab of one tensor.
+    unless `router_dtype` is given.
     """
-    for spec in specs:
-        stored = [tensors[p.name] for p in spec.pieces]
+    for spec, items in itertools.groupby(iter_pieces(tensors, specs), key=lambda item: item[0]):
         buf = np.empty(spec.shape, param_dtype(spec, tensors, dtype, router_dtype))
-        order = sorted(range(len(stored)), key=lambda i: (stored[i].file, stored[i].start))  # sequential reads
-        upcoming = _MappedTensor(stored[order[0]])
-        for k, i in enumerate(order):
-            current, piece = upcoming, spec.pieces[i]
-            upcoming = _MappedTensor(stored[order[k + 1]]) if k + 1 < len(order) else None  # the kernel reads ahead
-            _fill(buf[piece.index], current, piece, spec.transposed)
-            del current
-            if on_piece is not None:
-                share = 1.0 if piece.rows is None else (piece.rows[1] - piece.rows[0]) / piece.shape[-2]
-                on_piece(stored[i], round(stored[i].nbytes * share))
+        for _, piece, _, src in items:
+            copy_block(buf[piece.index], src, spec.transposed)
         yield spec, buf
         del buf
 
@@ -401,14 +420,8 @@ def load_hf_checkpoint(directory: str | Path, config: ModelConfig, *, dtype=None
 # ---- export -------------------------------------------------------------------------------------
 def iter_hf_tensors(params: Mapping, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
     """(name, contiguous numpy tensor) in the ORIGINAL layout's names and HF orientation, parameter by parameter."""
-    yield from iter_hf_tensors_from(lambda path: np.asarray(get_path(params, path)), config)
-
-
-def iter_hf_tensors_from(get: Callable[[ParamPath], np.ndarray],
-                         config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """iter_hf_tensors over a parameter getter, so callers can fetch one parameter at a time."""
     for spec in param_specs(config, "original"):
-        param = get(spec.path)
+        param = np.asarray(get_path(params, spec.path))
         if tuple(param.shape) != spec.shape:
             raise CheckpointError(f"parameter {'/'.join(map(str, spec.path))} has shape {list(param.shape)}, "
                                   f"config expects {list(spec.shape)}")
@@ -416,7 +429,6 @@ def iter_hf_tensors_from(get: Callable[[ParamPath], np.ndarray],
             out = np.empty(piece.shape, param.dtype)
             copy_block(out, param[piece.index], spec.transposed)
             yield piece.name, out
-        del param
 
 
 def safetensors_dtype(dtype: np.dtype) -> str:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -83,6 +84,64 @@ def test_dtype_and_router_dtype_options(hf_model, tmp_path):
     params = restore(config, None)
     assert params["lm_head"].dtype == jax.numpy.bfloat16
     assert params["cycles"]["layers"][0]["moe"]["router"].dtype == jax.numpy.float32  # kept as stored
+
+
+@pytest.mark.parametrize("layout", ["original", "transformers"])
+def test_small_slabs_and_chunks_round_trip(hf_model, tmp_path, monkeypatch, layout):
+    """Force what only big models do: many slabs per tensor (an odd buffer size, so slabs end mid-row of the
+    parameter) and one chunk file per cycle or (cycle, expert), so that one fused tensor spans chunk files."""
+    import checkpoints_convert.background_writer
+    import checkpoints_convert.orbax_checkpoint
+    monkeypatch.setattr(checkpoints_convert.background_writer, "BUFFER_BYTES", 1000)
+    monkeypatch.setattr(checkpoints_convert.orbax_checkpoint, "_MIN_CHUNK", 1000)
+    src = save_layout(hf_model, tmp_path / "hf", layout, dtype="bfloat16", router_dtype="float32")
+    assert convert("hf-to-orbax", "--src", src, "--dst", tmp_path / "ckpt") == 0
+    w1 = next((tmp_path / "ckpt" / "params").glob("*/cycles.layers.1.moe.w1"))
+    assert sorted(f.name for f in w1.iterdir()) == [".zarray"] + [f"{c}.{e}.0.0" for c in range(2) for e in range(4)]
+    config, restore = load_orbax_checkpoint(tmp_path / "ckpt")
+    assert_trees_equal(jax.tree.map(np.asarray, restore(config, None)), expected_params(hf_model, ml_dtypes.bfloat16))
+    assert convert("orbax-to-hf", "--src", tmp_path / "ckpt", "--dst", tmp_path / "out") == 0
+    original = save_layout(hf_model, tmp_path / "hf-original", "original", dtype="bfloat16", router_dtype="float32")
+    assert_same_tensors(read_all(tmp_path / "out"), {n: t for n, t in read_all(original).items()
+                                                     if not n.endswith(BUFFERS)})
+
+
+def test_a_failed_write_leaves_nothing_behind(hf_model, tmp_path, monkeypatch):
+    """A write error on the background thread (here: disk full) stops the conversion and removes the staging."""
+    from checkpoints_convert.orbax_checkpoint import ChunkedArray
+
+    def disk_full(self, data, offset):
+        raise OSError(28, "No space left on device")
+
+    src = save_layout(hf_model, tmp_path / "hf")
+    monkeypatch.setattr(ChunkedArray, "pwrite", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        convert_hf_to_orbax(src, tmp_path / "ckpt", progress=False)
+    assert not (tmp_path / "ckpt").exists() and not staging_path(tmp_path / "ckpt").exists()
+
+
+def test_export_refuses_damaged_or_foreign_arrays(hf_model, tmp_path, capsys):
+    """orbax-to-hf reads chunk files directly: a missing chunk or a layout it cannot map is a clear error."""
+    src = save_layout(hf_model, tmp_path / "hf")
+    assert convert("hf-to-orbax", "--src", src, "--dst", tmp_path / "ckpt") == 0
+    array = next((tmp_path / "ckpt" / "params").glob("*/cycles.layers.0.attn.qkv_proj"))
+    (array / "0.0.0").rename(tmp_path / "chunk")
+    assert convert("orbax-to-hf", "--src", tmp_path / "ckpt", "--dst", tmp_path / "out") == 1
+    assert "qkv_proj/0.0.0: chunk file missing" in capsys.readouterr().err
+    (tmp_path / "chunk").rename(array / "0.0.0")
+    meta = json.loads((array / ".zarray").read_text())
+    (array / ".zarray").write_text(json.dumps({**meta, "compressor": {"id": "zstd", "level": 1}}))
+    assert convert("orbax-to-hf", "--src", tmp_path / "ckpt", "--dst", tmp_path / "out") == 1
+    assert "expected a zarr2 array of uncompressed" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_param_writer_refuses_an_incomplete_checkpoint(tmp_path):
+    from checkpoints_convert.orbax_checkpoint import ParamWriter
+    a, b = np.arange(12, dtype=np.float32).reshape(3, 4), np.ones(5, np.float32)
+    with pytest.raises(CheckpointError, match="2 parameter"):
+        with ParamWriter(tmp_path, {("a",): (a.shape, a.dtype), ("b",): (b.shape, b.dtype)}) as writer:
+            writer.write(writer.array(("a",)), 0, a[:2].reshape(-1).view(np.uint8))  # a in part, b not at all
 
 
 # ---- the converted checkpoint works --------------------------------------------------------------
@@ -207,15 +266,15 @@ def test_interrupted_conversion_leaves_no_checkpoint_and_a_rerun_succeeds(tmp_pa
     model = random_hf_model(hf_config(PATTERN * 2, experts=4, intermediate_size=48), seed=7)
     src = save_layout(model, tmp_path / "hf", "transformers")
     dst = tmp_path / "ckpt"
-    pending = staging_path(dst) / "params.partial_save"
+    standins = staging_path(dst) / "params" / "_CHECKPOINT_METADATA"  # orbax's part done, the arrays not yet
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen([sys.executable, "-m", "checkpoints_convert.cli", "hf-to-orbax", "--src", str(src),
                              "--dst", str(dst), "--no-progress"], env=env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not (pending.is_dir() and any(pending.iterdir())) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)  # mid-way: some parameters are saved, the rest are not
+    while not standins.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)  # mid-way: a committed orbax checkpoint of stand-ins, few parameters written
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     assert staging_path(dst).exists() and not dst.exists() and not is_orbax_checkpoint(dst)
@@ -234,12 +293,10 @@ def test_not_a_checkpoint_is_refused(tmp_path):
 
 def test_storage_chunks_follow_cycles_and_experts_at_m1_scale():
     """Big stacked parameters are chunked per (cycle, expert) or per cycle; small ones stay one chunk."""
-    from checkpoints_convert.orbax_checkpoint import _storage_options
-    virtual = lambda *shape: np.lib.stride_tricks.as_strided(np.zeros(1, np.float16), shape, [0] * len(shape))
-    keys = lambda *ks: [jax.tree_util.DictKey(k) for k in ks]
-    chunking = lambda path, array: _storage_options(keys(*path), array).shard_axes
-    assert chunking(("cycles", "layers", "0", "moe", "w2"), virtual(10, 32, 9216, 6144)) == (0, 1)
-    assert chunking(("cycles", "layers", "0", "attn", "qkv_proj"), virtual(10, 6144, 24576)) == (0,)
-    assert chunking(("cycles", "layers", "0", "moe", "w1"), virtual(2, 32, 1024, 256)) == (0,)
-    assert chunking(("cycles", "layers", "0", "moe", "w1"), virtual(2, 4, 64, 96)) == ()
-    assert chunking(("embed_tokens",), virtual(200_064, 6144)) == ()
+    from checkpoints_convert.orbax_checkpoint import chunk_split
+    path = lambda *keys: ("cycles", "layers", 0) + keys
+    assert chunk_split(path("moe", "w2"), (10, 32, 9216, 6144), 2) == 2
+    assert chunk_split(path("attn", "qkv_proj"), (10, 6144, 24576), 2) == 1
+    assert chunk_split(path("moe", "w1"), (2, 32, 1024, 256), 2) == 1
+    assert chunk_split(path("moe", "w1"), (2, 4, 64, 96), 2) == 0
+    assert chunk_split(("embed_tokens",), (200_064, 6144), 2) == 0

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from m1jax.model import forward, init_model, params_of, with_params
-from m1jax.sharding import make_mesh
-from tests.train_fixtures import corpus, tiny_config
+from m1jax.sharding import ShardingError, make_mesh
+from tests.train_fixtures import compilation_cache, corpus, tiny_config  # noqa: F401 (fixture)
 from train.config import TrainConfig, TrainConfigError
 from train.data import DataError, DataState, PackedBatches, TokenDataset, prepare
-from train.step import cross_entropy_sum, loss_terms, make_trainer
+from train.step import loss_terms, make_trainer
 
 
 def run_steps(trainer, batches, n, state=None):
@@ -74,9 +74,10 @@ def test_packing_is_deterministic_resumable_and_keeps_documents_whole(tmp_path):
 
 def test_long_documents_are_cut_into_rows(tmp_path):
     from train.data import write_token_dataset
-    ds = TokenDataset(write_token_dataset(tmp_path / "d", [list(range(1, 71))], 128))
+    ds = TokenDataset(write_token_dataset(tmp_path / "d", [list(range(1, 71))], 128, prompt_lengths=[40]))
     b = next(PackedBatches(ds, seq_len=32, batch_size=3, seed=0))
     assert sorted(int((s > 0).sum()) for s in b.segment_ids) == [6, 32, 32]
+    assert sorted(b.input_ids[b.loss_mask].tolist()) == list(range(41, 71))  # the 40 prompt tokens are not targets
     assert sorted(np.concatenate([i[s > 0] for i, s in zip(b.input_ids, b.segment_ids)]).tolist()) == \
         list(range(1, 71))
 
@@ -101,7 +102,7 @@ def test_prepare_tokenizes_text_with_eos(tmp_path):
 
 # ---- loss ------------------------------------------------------------------------------------------
 def test_packed_loss_equals_documents_run_alone(tmp_path):
-    """Padding and document boundaries are excluded, and nothing leaks between packed documents."""
+    """Padding, prompts and document boundaries are excluded, and nothing leaks between packed documents."""
     cfg = tiny_config(tmp_path).model_config()
     model = init_model(cfg, 1)
     rng = np.random.default_rng(0)
@@ -113,12 +114,17 @@ def test_packed_loss_equals_documents_run_alone(tmp_path):
         ids[0, at:at + len(d)], seg[0, at:at + len(d)] = d, s
         at += len(d)
     ids[0, at:] = rng.integers(1, 64, 32 - at)  # garbage under padding must not matter
-    packed = loss_terms(model, params_of(model), jnp.asarray(ids), jnp.asarray(seg), jnp.float32, "none").ce_sum
+    prompt = 3  # the second document's first 3 tokens are its prompt
+    mask = seg > 0
+    mask[0, 7:7 + prompt] = False
+    packed = loss_terms(model, params_of(model), jnp.asarray(ids), jnp.asarray(seg), jnp.asarray(mask),
+                        jnp.float32, "none").ce_sum
     alone = np.zeros((len(docs), 32), np.int32)  # each document alone at the start of a row
     for r, d in enumerate(docs):
         alone[r, :len(d)] = d
     logp = np.asarray(jax.nn.log_softmax(forward(model, jnp.asarray(alone)).logits))
-    expected = -sum(logp[r, t, d[t + 1]] for r, d in enumerate(docs) for t in range(len(d) - 1))
+    expected = -sum(logp[r, t, d[t + 1]] for r, d in enumerate(docs) for t in range(len(d) - 1)
+                    if r != 1 or t + 1 >= prompt)
     np.testing.assert_allclose(float(packed), expected, rtol=1e-5)
 
 
@@ -140,10 +146,10 @@ def test_aux_loss_matches_transformers_on_the_models_router_logits(tmp_path, mon
         return out
 
     monkeypatch.setattr(moe, "route", recording_route)
-    aux = float(loss_terms(model, params_of(model), ids, seg, jnp.float32, "none").aux)
+    aux = float(loss_terms(model, params_of(model), ids, seg, seg > 0, jnp.float32, "none").aux)
     assert len(recorded) == cfg.num_layers
     expected = load_balancing_loss_func(tuple(torch.from_numpy(r) for r in recorded), cfg.num_experts,
-                                        cfg.num_experts_per_tok, torch.from_numpy(np.asarray(seg > 0)))
+                                        cfg.num_experts_per_tok, torch.from_numpy(np.array(seg > 0)))
     np.testing.assert_allclose(aux, float(expected), rtol=1e-5)
 
 
@@ -166,13 +172,15 @@ def test_sharded_accumulated_step_equals_single_device_full_batch(tmp_path):
     results = {}
     for name, accum, mesh in (("one", 1, make_mesh(devices=jax.devices()[:1])),
                               ("eight", 2, make_mesh(data=2, fsdp=2, expert=2))):
-        tcfg = tiny_config(tmp_path, data={"grad_accum": accum}, loss={"aux_coef": 0.0, "z_coef": 0.0},
-                           run={"remat": "full"})
+        tcfg = tiny_config(tmp_path, data={"grad_accum": accum, "batch_size": 16},
+                           loss={"aux_coef": 0.0, "z_coef": 0.0}, run={"remat": "full"})
         trainer = make_trainer(tcfg.model_config(), tcfg, mesh)
-        state, hist = run_steps(trainer, PackedBatches(TokenDataset(tcfg.data.path), 32, 8, 0), 2)
+        state, hist = run_steps(trainer, PackedBatches(TokenDataset(tcfg.data.path), 32, 16, 0), 2)
         results[name] = (hist, state)
     w1 = results["eight"][1].params["cycles"]["layers"][0]["moe"]["w1"]
     assert len(w1.sharding.device_set) == 8 and w1.addressable_shards[0].data.shape[1] == 2  # experts split
+    with pytest.raises(ShardingError, match="micro-batch is data.batch_size / data.grad_accum = 4 rows"):
+        make_trainer(tcfg.model_config(), tiny_config(tmp_path, data={"grad_accum": 2}), make_mesh(data=8))
     for a, b in zip(results["one"][0], results["eight"][0]):
         for k in ("loss", "ce", "grad_norm", "expert_load_max", "target_tokens"):
             np.testing.assert_allclose(a[k], b[k], rtol=2e-5, err_msg=k)
@@ -193,3 +201,28 @@ def test_non_finite_step_is_skipped_without_touching_the_state(tmp_path):
     assert int(state.step) == 1
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), before.params)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.opt_state), before.opt_state)
+
+
+def test_remat_policies_give_the_same_gradients(tmp_path):
+    from train.step import loss_and_grads
+    from m1jax.model import abstract_model
+    results = []
+    for remat in ("none", "full", "dots"):
+        tcfg = tiny_config(tmp_path, run={"remat": remat})
+        cfg = tcfg.model_config()
+        batch = next(PackedBatches(TokenDataset(tcfg.data.path), 32, 8, 0))
+        params = params_of(init_model(cfg, 0))
+        fn = jax.jit(lambda p, *b: loss_and_grads(abstract_model(cfg), tcfg, p, *b))
+        results.append(fn(params, *map(jnp.asarray, batch)))
+    for loss, _, grads in results[1:]:
+        np.testing.assert_allclose(float(loss), float(results[0][0]), rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads, results[0][2])
+
+
+def test_multi_host_launchers_are_detected():
+    from train.distributed import launched_multi_process
+    assert not launched_multi_process({})
+    assert not launched_multi_process({"SLURM_NTASKS": "1", "TPU_WORKER_HOSTNAMES": "localhost"})
+    for env in ({"SLURM_NTASKS": "16"}, {"OMPI_COMM_WORLD_SIZE": "2"}, {"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"},
+                {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, {"M1JAX_DISTRIBUTED": "1"}):
+        assert launched_multi_process(env), env

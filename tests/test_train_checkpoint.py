@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.train_fixtures import tiny_config
+from tests.train_fixtures import compilation_cache, tiny_config  # noqa: F401 (fixture)
 from train import loop
 from train.checkpointing import Checkpointer
 from train.loop import NonFiniteLossError, train
@@ -59,11 +59,12 @@ def test_a_save_cut_short_leaves_the_previous_checkpoint_loadable(tmp_path):
     assert resumed.step == 6 and int(result.state.step) == 4
 
 
-def run_cli(tmp_path: Path, *overrides: str) -> subprocess.Popen:
+def run_cli(tmp_path: Path, cache: Path, *overrides: str) -> subprocess.Popen:
     tcfg = tiny_config(tmp_path)
     config = tmp_path / "train.json"
     config.write_text(json.dumps(tcfg.to_dict()))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_COMPILATION_CACHE_DIR": str(cache),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     return subprocess.Popen([sys.executable, "-m", "m1jax.cli", "train", "--config", str(config), *overrides],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -81,9 +82,10 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
     raise AssertionError("training did not reach the step in time")
 
 
-def test_sigterm_saves_and_exits_then_sigkill_during_saves_keeps_a_loadable_checkpoint(tmp_path):
+def test_sigterm_saves_and_exits_then_sigkill_during_saves_keeps_a_loadable_checkpoint(tmp_path,
+                                                                                      compilation_cache):
     run_dir = tmp_path / "run"
-    proc = run_cli(tmp_path, "run.steps=100000", "run.checkpoint_every=1000")
+    proc = run_cli(tmp_path, compilation_cache, "run.steps=100000", "run.checkpoint_every=1000")
     wait_for_step(run_dir, 2, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -93,7 +95,7 @@ def test_sigterm_saves_and_exits_then_sigkill_during_saves_keeps_a_loadable_chec
     assert Checkpointer(run_dir / "checkpoints", 1, 3).latest_step() == last_logged
 
     # Now save every step and kill -9 at once, in the middle of the asynchronous saves.
-    proc = run_cli(tmp_path, "run.steps=100000", "run.checkpoint_every=1")
+    proc = run_cli(tmp_path, compilation_cache, "run.steps=100000", "run.checkpoint_every=1")
     wait_for_step(run_dir, last_logged + 3, proc)
     proc.kill()
     proc.wait()

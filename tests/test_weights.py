@@ -16,11 +16,11 @@ import torch
 from jax.sharding import NamedSharding, PartitionSpec
 from safetensors.torch import save_file
 
-from hf_oracle import BUFFERS, hf_config, hf_tensors, random_hf_model, save_hf_model, save_layout, write_checkpoint
+from hf_oracle import BUFFERS, hf_config, random_hf_model, save_hf_model, save_layout
 from m1jax import PRESETS, abstract_params, get_preset
 from m1jax.config import ModelConfig
-from m1jax.weights import (CheckpointError, hf_tensor_specs, iter_hf_tensors, load_hf_checkpoint, param_specs,
-                           read_safetensors_header, scan_checkpoint)
+from m1jax.weights import (CheckpointError, copy_block, hf_tensor_specs, iter_hf_tensors, load_hf_checkpoint,
+                           param_specs, read_safetensors_header, row_slabs, scan_checkpoint)
 
 PATTERN = ("lightning", "lightning", "softmax") * 2  # cycle of 3, two cycles: stacking over cycles is exercised
 
@@ -98,21 +98,30 @@ def test_full_size_m1_has_8243_tensors_of_912_gb():
 
 
 # ---- loading ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("layout", ["original", "transformers"])
-def test_load_both_layouts(hf_model, tmp_path, layout):
-    directory = save_layout(hf_model, tmp_path / layout, layout)
+def test_load_both_layouts(hf_model, tmp_path, layout, dtype):
+    directory = save_layout(hf_model, tmp_path / layout, layout, dtype=np.dtype(dtype).name)
     config = ModelConfig.from_hf(directory)
-    assert_trees_equal(load_hf_checkpoint(directory, config), expected_params(hf_model))
+    assert_trees_equal(load_hf_checkpoint(directory, config), expected_params(hf_model, dtype))
 
 
-@pytest.mark.parametrize("layout", ["original", "transformers"])
-def test_streaming_in_small_slabs_gives_the_same_parameters(hf_model, tmp_path, monkeypatch, layout):
-    """Big tensors are copied slab by slab (their pages released in between); force that path on tiny ones."""
-    import m1jax.weights
-    monkeypatch.setattr(m1jax.weights, "_SLAB", 1000)
-    directory = save_layout(hf_model, tmp_path / layout, layout, dtype="bfloat16")
-    got = load_hf_checkpoint(directory, ModelConfig.from_hf(directory))
-    assert_trees_equal(got, expected_params(hf_model, ml_dtypes.bfloat16))
+@pytest.mark.parametrize("shape,transposed", [((7,), False), ((5, 9), False), ((5, 9), True), ((3, 5, 9), False),
+                                             ((3, 5, 9), True)])
+@pytest.mark.parametrize("max_items", [1, 4, 10, 1000])
+def test_row_slabs_rebuild_the_block(shape, transposed, max_items):
+    """The streaming writers copy each block slab by slab: the slabs tile the block exactly once, in C order."""
+    src = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    want = np.swapaxes(src, -1, -2) if transposed else src
+    got, covered = np.zeros(want.size, np.float32), np.zeros(want.size, int)
+    for first, part in row_slabs(src, transposed, max_items):
+        slab = np.empty(part.shape[::-1] if transposed else part.shape, np.float32)
+        copy_block(slab, part, transposed)
+        assert slab.size <= max(max_items, want.shape[-1])  # within the budget, or a single row
+        got[first:first + slab.size] = slab.ravel()
+        covered[first:first + slab.size] += 1
+    assert (covered == 1).all()
+    np.testing.assert_array_equal(got.reshape(want.shape), want)
 
 
 def test_load_save_pretrained_output(hf_model, tmp_path):

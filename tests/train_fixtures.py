@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache as cc
 
 from train.config import TrainConfig
 from train.data import write_token_dataset
@@ -35,3 +38,18 @@ def tiny_config(tmp_path: Path, corpus_path: Path | None = None, **sections) -> 
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
     return TrainConfig.from_dict(base)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """The tests build the same tiny trainer many times (fresh runs, resumed runs, subprocesses): with a
+    persistent compilation cache each distinct step compiles once. Restored after the module."""
+    path = tmp_path_factory.mktemp("jax_cache")
+    previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    cc.reset_cache()
+    yield path
+    jax.config.update("jax_compilation_cache_dir", previous[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+    cc.reset_cache()

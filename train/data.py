@@ -1,8 +1,9 @@
 """Token data: prepared corpora on disk (memory-mapped), and a deterministic, resumable packed-batch iterator.
 
 A prepared directory holds `tokens.bin` (every document's ids back to back, uint16 or uint32), `index.npy`
-(int64 document offsets, num_docs + 1 of them) and `meta.json`. `python -m train.data` (also
-`m1jax train prepare`) writes one from text with a project tokenizer.
+(int64 document offsets, num_docs + 1 of them), `meta.json`, and optionally `prompt_lengths.npy` (per document,
+how many leading tokens are prompt: they are read but never trained as targets, as in supervised fine-tuning).
+`python -m train.data` (also `m1jax train prepare`) writes one from text with a project tokenizer.
 
 Batches pack whole documents into rows of `seq_len` tokens: documents longer than a row are cut into row-sized
 pieces first, then pieces are taken in a seeded per-epoch order and each row is filled greedily; the rest of a
@@ -22,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-TOKENS, INDEX, META = "tokens.bin", "index.npy", "meta.json"
+TOKENS, INDEX, META, PROMPTS = "tokens.bin", "index.npy", "meta.json", "prompt_lengths.npy"
 
 
 class DataError(ValueError):
@@ -30,8 +31,10 @@ class DataError(ValueError):
 
 
 # ---- writing -------------------------------------------------------------------------------------
-def write_token_dataset(out_dir: str | Path, docs: Iterable[list[int]], vocab_size: int, **meta) -> Path:
-    """Write documents (lists of ids) as a prepared directory; the id dtype is the smallest that holds vocab_size."""
+def write_token_dataset(out_dir: str | Path, docs: Iterable[list[int]], vocab_size: int,
+                        prompt_lengths: list[int] | None = None, **meta) -> Path:
+    """Write documents (lists of ids) as a prepared directory; the id dtype is the smallest that holds vocab_size.
+    `prompt_lengths`: per document, the number of leading tokens that are not trained as targets."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
@@ -44,6 +47,10 @@ def write_token_dataset(out_dir: str | Path, docs: Iterable[list[int]], vocab_si
             f.write(ids.astype(dtype).tobytes())
             offsets.append(offsets[-1] + ids.size)
     np.save(out / INDEX, np.asarray(offsets, np.int64))
+    if prompt_lengths is not None:
+        if len(prompt_lengths) != len(offsets) - 1:
+            raise DataError(f"{len(prompt_lengths)} prompt lengths for {len(offsets) - 1} documents")
+        np.save(out / PROMPTS, np.asarray(prompt_lengths, np.int64))
     (out / META).write_text(json.dumps({"dtype": dtype.name, "vocab_size": vocab_size, "num_docs": len(offsets) - 1,
                                         "num_tokens": offsets[-1], **meta}, indent=1))
     return out
@@ -96,6 +103,9 @@ class TokenDataset:
         if self.offsets[-1] != self.tokens.size or np.any(np.diff(self.offsets) < 0):
             raise DataError(f"{path}: {INDEX} does not describe {TOKENS} ({self.tokens.size} tokens)")
         self.vocab_size = int(self.meta["vocab_size"])
+        self.prompt_lengths = np.load(path / PROMPTS) if (path / PROMPTS).is_file() else None
+        if self.prompt_lengths is not None and self.prompt_lengths.shape != (len(self.offsets) - 1,):
+            raise DataError(f"{path}: {PROMPTS} does not have one entry per document")
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -114,6 +124,7 @@ class DataState(NamedTuple):
 class Batch(NamedTuple):
     input_ids: np.ndarray  # [rows, seq_len] int32 (0 at padding)
     segment_ids: np.ndarray  # [rows, seq_len] int32, 1, 2, ... per packed piece, 0 at padding
+    loss_mask: np.ndarray  # [rows, seq_len] bool: the token may be a training target (False in prompts, padding)
 
 
 class PackedBatches:
@@ -129,8 +140,11 @@ class PackedBatches:
             raise DataError(f"{dataset.path}: no tokens")
         doc = np.repeat(np.arange(len(lengths)), counts)
         first = np.cumsum(counts) - counts
-        self.piece_start = dataset.offsets[doc] + (np.arange(doc.size) - first[doc]) * seq_len
+        within = (np.arange(doc.size) - first[doc]) * seq_len  # the piece's offset inside its document
+        self.piece_start = dataset.offsets[doc] + within
         self.piece_len = np.minimum(dataset.offsets[doc + 1] - self.piece_start, seq_len)
+        prompts = np.zeros(len(lengths), np.int64) if dataset.prompt_lengths is None else dataset.prompt_lengths
+        self.piece_prompt = np.clip(prompts[doc] - within, 0, self.piece_len)  # leading prompt tokens
         self.dataset, self.seq_len, self.batch_size, self.seed = dataset, seq_len, batch_size, seed
         self.rows = range(process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count)
         self.state = DataState(*state)
@@ -147,6 +161,7 @@ class PackedBatches:
     def __next__(self) -> Batch:
         ids = np.zeros((len(self.rows), self.seq_len), np.int32)
         seg = np.zeros((len(self.rows), self.seq_len), np.int32)
+        mask = np.zeros((len(self.rows), self.seq_len), bool)
         epoch, cursor = self.state
         for row in range(self.batch_size):
             used, segment = 0, 0
@@ -162,9 +177,10 @@ class PackedBatches:
                     start = int(self.piece_start[piece])
                     ids[r, used:used + n] = self.dataset.tokens[start:start + n]
                     seg[r, used:used + n] = segment + 1
+                    mask[r, used + int(self.piece_prompt[piece]):used + n] = True
                 used, segment, cursor = used + n, segment + 1, cursor + 1
         self.state = DataState(epoch, cursor)
-        return Batch(ids, seg)
+        return Batch(ids, seg, mask)
 
 
 # ---- command line --------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Multi-host start-up: call `jax.distributed.initialize()` when the launcher says there are several processes.
 
 Detected launchers: an explicit coordinator (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID),
-SLURM (SLURM_NTASKS > 1), Open MPI (OMPI_COMM_WORLD_SIZE > 1) and Cloud TPU pod slices (several
+SLURM (SLURM_NTASKS > 1), Open MPI (OMPI_COMM_WORLD_SIZE > 1) and TPU pod slices (several
 TPU_WORKER_HOSTNAMES); for the last three jax finds the coordinator and process ids itself.
+M1JAX_DISTRIBUTED=1 forces the call (e.g. on TPU VMs that do not set TPU_WORKER_HOSTNAMES).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ def launched_multi_process(env=os.environ) -> bool:
     def more_than_one(name: str) -> bool:
         return int(env.get(name, "1") or "1") > 1
 
-    return (bool(env.get("JAX_COORDINATOR_ADDRESS")) or more_than_one("SLURM_NTASKS")
+    return (env.get("M1JAX_DISTRIBUTED") == "1" or bool(env.get("JAX_COORDINATOR_ADDRESS"))
+            or more_than_one("SLURM_NTASKS")
             or more_than_one("OMPI_COMM_WORLD_SIZE") or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1)
 
 

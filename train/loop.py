@@ -128,7 +128,7 @@ def train(tcfg: TrainConfig, *, until: int | None = None) -> RunResult:
             tic = time.perf_counter()
             while step < last:
                 tokens = int(np.sum(batch.segment_ids > 0)) * jax.process_count()
-                state, metrics = trainer.step(state, global_array(batch.input_ids), global_array(batch.segment_ids))
+                state, metrics = trainer.step(state, *map(global_array, batch))
                 step, data_state = step + 1, after
                 if step < last:  # pack the next batch while the device works
                     batch, after = next(batches), batches.state

@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from m1jax import losses
 from m1jax.config import ModelConfig
 from m1jax.model import M1Model, abstract_model, forward, init_model, params_of, with_params
-from m1jax.sharding import logical_spec, param_shardings
+from m1jax.sharding import ShardingError, logical_spec, param_shardings, validate
 from train.config import OptimSection, TrainConfig
 
 
@@ -67,18 +67,19 @@ def make_optimizer(o: OptimSection, total_steps: int) -> optax.GradientTransform
 
 
 # ---- loss ----------------------------------------------------------------------------------------
-def target_mask(segment_ids: Int[Array, "batch seq"]) -> Float[Array, "batch seq-1"]:
-    """1 where token t+1 is a real token of the same document as token t: the positions that are trained."""
-    return ((segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)).astype(jnp.float32)
+def target_mask(segment_ids: Int[Array, "batch seq"], loss_mask: Bool[Array, "batch seq"]) -> Float[Array, "batch seq-1"]:
+    """1 where token t+1 is a trainable token (loss_mask) of the same document as token t: the trained positions."""
+    same_doc = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
+    return (same_doc & loss_mask[:, 1:]).astype(jnp.float32)
 
 
 def cross_entropy_sum(logits: Float[Array, "batch seq vocab"], input_ids: Int[Array, "batch seq"],
-                      segment_ids: Int[Array, "batch seq"]) -> Float[Array, ""]:
-    """Summed next-token negative log-likelihood (fp32) over the target_mask positions."""
+                      targets: Float[Array, "batch seq-1"]) -> Float[Array, ""]:
+    """Summed next-token negative log-likelihood (fp32) over the positions where `targets` (target_mask) is 1."""
     logits = logits[:, :-1].astype(jnp.float32)
     target = jnp.take_along_axis(logits, input_ids[:, 1:, None], axis=-1)[..., 0]
     nll = jax.nn.logsumexp(logits, axis=-1) - target
-    return jnp.sum(nll * target_mask(segment_ids))
+    return jnp.sum(nll * targets)
 
 
 def cast_for_compute(params: dict, dtype) -> dict:
@@ -94,29 +95,31 @@ class LossTerms(NamedTuple):
     expert_tokens: Float[Array, "layers experts"]
 
 
-def loss_terms(model: M1Model, params: dict, input_ids, segment_ids, compute_dtype, remat: str) -> LossTerms:
+def loss_terms(model: M1Model, params: dict, input_ids, segment_ids, loss_mask, compute_dtype, remat: str
+               ) -> LossTerms:
     out = forward(with_params(model, cast_for_compute(params, compute_dtype)), input_ids,
-                  attention_mask=segment_ids > 0, segment_ids=segment_ids, remat=remat != "none")
-    return LossTerms(cross_entropy_sum(out.logits, input_ids, segment_ids),
+                  attention_mask=segment_ids > 0, segment_ids=segment_ids,
+                  remat=False if remat == "none" else remat)
+    return LossTerms(cross_entropy_sum(out.logits, input_ids, target_mask(segment_ids, loss_mask)),
                      losses.load_balancing_loss(out.router, model.config.num_experts),
                      losses.router_z_loss(out.router), losses.tokens_per_expert(out.router))
 
 
 # ---- the step ------------------------------------------------------------------------------------
-def loss_and_grads(model: M1Model, tcfg: TrainConfig, params: dict, input_ids, segment_ids):
+def loss_and_grads(model: M1Model, tcfg: TrainConfig, params: dict, input_ids, segment_ids, loss_mask):
     """(total loss, LossTerms summed over micro-batches, fp32 gradients) for one optimizer batch."""
     accum = tcfg.data.grad_accum
     aux_coef = model.config.router_aux_loss_coef if tcfg.loss.aux_coef is None else tcfg.loss.aux_coef
     z_coef = tcfg.loss.z_coef
-    targets = jnp.maximum(jnp.sum(target_mask(segment_ids)), 1.0)
+    targets = jnp.maximum(jnp.sum(target_mask(segment_ids, loss_mask)), 1.0)
 
-    def micro_loss(p, ids, seg):
-        t = loss_terms(model, p, ids, seg, tcfg.run.compute_dtype, tcfg.run.remat)
+    def micro_loss(p, ids, seg, mask):
+        t = loss_terms(model, p, ids, seg, mask, tcfg.run.compute_dtype, tcfg.run.remat)
         return t.ce_sum / targets + (aux_coef * t.aux + z_coef * t.z) / accum, t
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     if accum == 1:
-        (loss, terms), grads = grad_fn(params, input_ids, segment_ids)
+        (loss, terms), grads = grad_fn(params, input_ids, segment_ids, loss_mask)
         return loss, terms, grads
 
     # Row r of micro-batch a is row r * accum + a: each micro-batch keeps the batch axis' device split.
@@ -131,13 +134,14 @@ def loss_and_grads(model: M1Model, tcfg: TrainConfig, params: dict, input_ids, s
     zero = jnp.zeros((), jnp.float32)
     carry = (zero, LossTerms(zero, zero, zero, jnp.zeros((cfg.num_layers, cfg.num_experts), jnp.float32)),
              jax.tree.map(jnp.zeros_like, params))
-    (loss, terms, grads), _ = jax.lax.scan(body, carry, (split(input_ids), split(segment_ids)))
+    (loss, terms, grads), _ = jax.lax.scan(body, carry, (split(input_ids), split(segment_ids), split(loss_mask)))
     return loss, terms, grads
 
 
 def train_step(model: M1Model, tcfg: TrainConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               state: TrainState, input_ids, segment_ids) -> tuple[TrainState, dict]:
-    loss, terms, grads = loss_and_grads(model, tcfg, state.params, input_ids, segment_ids)
+               state: TrainState, input_ids, segment_ids, loss_mask) -> tuple[TrainState, dict]:
+    loss, terms, grads = loss_and_grads(model, tcfg, state.params, input_ids, segment_ids, loss_mask)
+    targets = jnp.sum(target_mask(segment_ids, loss_mask))
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -148,12 +152,12 @@ def train_step(model: M1Model, tcfg: TrainConfig, tx: optax.GradientTransformati
     load_ratio = jnp.max(load, axis=1) / jnp.maximum(jnp.mean(load, axis=1), 1e-9)
     metrics = {
         "loss": loss,
-        "ce": terms.ce_sum / jnp.maximum(jnp.sum(target_mask(segment_ids)), 1.0),
+        "ce": terms.ce_sum / jnp.maximum(targets, 1.0),
         "aux_loss": terms.aux / accum,
         "z_loss": terms.z / accum,
         "grad_norm": grad_norm,
         "lr": schedule(state.opt_state["lr"].count),
-        "target_tokens": jnp.sum(target_mask(segment_ids)),
+        "target_tokens": targets,
         "expert_load_max": jnp.max(load_ratio),  # busiest expert / mean expert, worst layer
         "expert_load_mean": jnp.mean(load_ratio),  # ... averaged over layers
         "skipped": 1 - ok.astype(jnp.int32),
@@ -167,7 +171,7 @@ class Trainer(NamedTuple):
     config: ModelConfig
     random_params: Callable[[], dict]  # the seeded initial model, created already sharded
     init: Callable[[dict], TrainState]  # a fresh state around sharded fp32 parameters
-    step: Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]  # donates the state
+    step: Callable[..., tuple[TrainState, dict]]  # (state, input_ids, segment_ids, loss_mask); donates the state
     state_shardings: TrainState
     batch_sharding: NamedSharding
     abstract_state: TrainState  # ShapeDtypeStructs with shardings, for restoring checkpoints
@@ -178,6 +182,11 @@ def make_trainer(config: ModelConfig, tcfg: TrainConfig, mesh: Mesh) -> Trainer:
     optimizer moments like their parameters, the batch split over the batch axes, scalars replicated."""
     if config.dtype != "float32":
         raise ValueError(f"make_trainer: master weights must be float32, got config.dtype={config.dtype!r}")
+    micro = tcfg.data.batch_size // tcfg.data.grad_accum
+    try:
+        validate(config, mesh.shape, batch=micro)
+    except ShardingError as e:
+        raise ShardingError(f"{e} (the micro-batch is data.batch_size / data.grad_accum = {micro} rows)") from None
     model = abstract_model(config)
     tx = make_optimizer(tcfg.optim, tcfg.run.steps)
     schedule = lr_schedule(tcfg.optim, tcfg.run.steps)
@@ -195,7 +204,7 @@ def make_trainer(config: ModelConfig, tcfg: TrainConfig, mesh: Mesh) -> Trainer:
     init = jax.jit(init, in_shardings=(p_shard,), out_shardings=shardings)
     random_params = jax.jit(lambda: params_of(init_model(config, tcfg.run.seed)), out_shardings=p_shard)
     step = jax.jit(functools.partial(train_step, model, tcfg, tx, schedule),
-                   in_shardings=(shardings, batch_sharding, batch_sharding),
+                   in_shardings=(shardings, batch_sharding, batch_sharding, batch_sharding),
                    out_shardings=(shardings, replicated), donate_argnums=0)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             jax.eval_shape(init, params_of(model)), shardings)

@@ -160,35 +160,47 @@ SMEM_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90
 def test_benchmark_sweep_tunings_compile_for_hopper_without_spills(tmp_path):
     """Every tuning the benchmark sweep can run (its list and the refinements around each entry), forward and
     backward, compiles to sm_90a with the ``triton`` wheel (see test_lightning_triton_compile.py) without register
-    spills and within shared memory, so no device time goes to a configuration that cannot run well."""
+    spills and within shared memory, so no device time goes to a configuration that cannot run well; with packed
+    segments, exactly the entries the benchmark marks as spilling spill."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from test_lightning_triton_compile import _triton_kernels
     bench = _load_benchmark()
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    configs = {(c, t) for _, c, t in bench.SWEEP} | {r for _, c, t in bench.SWEEP for r in bench.refinements(c, t)}
     bf16 = jax.ShapeDtypeStruct((1, 4096, 2, 128), jnp.bfloat16)
     slopes = jax.ShapeDtypeStruct((2,), jnp.float32)
-    seen, failures = set(), []
-    for chunk, tuning in sorted(configs, key=repr):
-        def train(q, k, v, s, chunk=chunk, tuning=tuning):
+    seg = jax.ShapeDtypeStruct((1, 4096), jnp.int32)
+    reports = {}  # (ttir, num_warps, num_stages) -> problem or ""
+
+    def problems(chunk, tuning, packed):
+        def train(q, k, v, s, seg):
             loss = lambda q, k, v: jnp.sum(pallas_gpu.lightning_attention_pallas_gpu(
-                q, k, v, s, None, None, chunk_size=chunk, interpret=False, tuning=tuning)[0].astype(jnp.float32))
+                q, k, v, s, None, seg if packed else None, chunk_size=chunk, interpret=False,
+                tuning=tuning)[0].astype(jnp.float32))
             return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
-        for name, ttir, num_warps, num_stages in _triton_kernels(train, bf16, bf16, bf16, slopes):
-            if (ttir, num_warps, num_stages) in seen:
-                continue
-            seen.add((ttir, num_warps, num_stages))
-            path = tmp_path / f"{name}.ttir"
-            path.write_text(ttir)
-            compiled = triton.compiler.compile(str(path), target=GPUTarget("cuda", 90, 32),
-                                               options=dict(num_warps=num_warps, num_stages=num_stages))
-            (tmp_path / "k.ptx").write_text(compiled.asm["ptx"])
-            report = subprocess.run([str(ptxas), "-v", "--gpu-name=sm_90a", str(tmp_path / "k.ptx"), "-o",
-                                     str(tmp_path / "k.cubin")], capture_output=True, text=True, check=True).stderr
-            spills = re.search(r"(\d+) bytes spill stores", report)
-            if int(spills.group(1)) or compiled.metadata.shared > SMEM_LIMIT:
-                failures.append(f"chunk {chunk} {tuning} {name}: {spills.group(0)}, "
-                                f"{compiled.metadata.shared} bytes of shared memory")
+        found = []
+        for name, ttir, num_warps, num_stages in _triton_kernels(train, bf16, bf16, bf16, slopes, seg):
+            key = (ttir, num_warps, num_stages)
+            if key not in reports:
+                path = tmp_path / f"{name}.ttir"
+                path.write_text(ttir)
+                compiled = triton.compiler.compile(str(path), target=GPUTarget("cuda", 90, 32),
+                                                   options=dict(num_warps=num_warps, num_stages=num_stages))
+                (tmp_path / "k.ptx").write_text(compiled.asm["ptx"])
+                report = subprocess.run([str(ptxas), "-v", "--gpu-name=sm_90a", str(tmp_path / "k.ptx"), "-o",
+                                         str(tmp_path / "k.cubin")], capture_output=True, text=True,
+                                        check=True).stderr
+                spills = int(re.search(r"(\d+) bytes spill stores", report).group(1))
+                smem = compiled.metadata.shared
+                reports[key] = f"{name}: {spills} bytes spilled, {smem} bytes of shared memory" if (
+                    spills or smem > SMEM_LIMIT) else ""
+            found += [reports[key]] if reports[key] else []
+        return found
+
+    configs = [*bench.SWEEP] + [r for entry in bench.SWEEP for r in bench.refinements(*entry)]
+    failures = [f"{label}, chunk {chunk}, {tuning}: {p}" for label, chunk, tuning in configs
+                for p in problems(chunk, tuning, packed=False)]
     assert not failures, "\n".join(failures)
+    spill_packed = {label for label, chunk, tuning in bench.SWEEP if problems(chunk, tuning, packed=True)}
+    assert spill_packed == bench.SPILLS_WHEN_PACKED
