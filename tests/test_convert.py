@@ -278,6 +278,7 @@ def test_interrupted_conversion_leaves_no_checkpoint_and_a_rerun_succeeds(tmp_pa
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     assert staging_path(dst).exists() and not dst.exists() and not is_orbax_checkpoint(dst)
+    assert not is_orbax_checkpoint(staging_path(dst))  # orbax's part is committed, but it is no m1jax checkpoint
     convert_hf_to_orbax(src, dst, progress=False)  # the rerun discards the leftovers
     assert is_orbax_checkpoint(dst) and not staging_path(dst).exists()
     config, restore = load_orbax_checkpoint(dst)

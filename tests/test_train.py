@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m1jax.model import forward, init_model, params_of, with_params
+from m1jax.model import forward, init_model, params_of
 from m1jax.sharding import ShardingError, make_mesh
 from tests.train_fixtures import compilation_cache, corpus, tiny_config  # noqa: F401 (fixture)
 from train.config import TrainConfig, TrainConfigError

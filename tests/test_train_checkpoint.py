@@ -94,9 +94,12 @@ def test_sigterm_saves_and_exits_then_sigkill_during_saves_keeps_a_loadable_chec
     last_logged = max(r[0] for r in losses(run_dir))
     assert Checkpointer(run_dir / "checkpoints", 1, 3).latest_step() == last_logged
 
-    # Now save every step and kill -9 at once, in the middle of the asynchronous saves.
+    # Now save every step and kill -9 while orbax's temporary directory of a save in progress exists.
     proc = run_cli(tmp_path, compilation_cache, "run.steps=100000", "run.checkpoint_every=1")
     wait_for_step(run_dir, last_logged + 3, proc)
+    deadline = time.time() + 30
+    while not list((run_dir / "checkpoints").glob("*orbax-checkpoint-tmp*")) and time.time() < deadline:
+        time.sleep(0.002)
     proc.kill()
     proc.wait()
     ckpt = Checkpointer(run_dir / "checkpoints", 1, 3)

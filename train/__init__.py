@@ -1,1 +1,2 @@
-"""Training for m1jax: the jitted sharded train step, data, orbax checkpoints, metrics, and recipes (`m1jax train`)."""
+"""Training for m1jax: config (config.py), packed token data (data.py), the jitted step (step.py), the loop with
+checkpoints, metrics and fault handling (loop.py, checkpointing.py, metrics.py, distributed.py), and recipes."""

@@ -52,7 +52,9 @@ class Tuning:
 
 
 # benchmarks/lightning_attention.py sweeps tunings on the GPU and prints the line to put here.
-DEFAULT_TUNING = Tuning()
+# The fastest forward of the H200 sweep (2026-11-26, benchmarks/RESULTS.md): 1.235 ms at T=32K vs 2.33 ms for
+# Tuning(); fwd+bwd 4.29 ms. With packed segments its output kernel spills a few registers (still exact).
+DEFAULT_TUNING = Tuning(chunks_per_block=32, block_k=32, block_v=64, local_block_v=64, num_warps=4, num_stages=2)
 
 
 @dataclasses.dataclass(frozen=True)
