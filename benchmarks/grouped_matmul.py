@@ -14,7 +14,6 @@ prints within about a minute; each row is also printed as soon as it is measured
 """
 
 import argparse
-import statistics
 import sys
 import time
 import traceback
@@ -26,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pallas_kernels.grouped_matmul import Tiling, grouped_matmul, pallas_gpu, pallas_tpu  # noqa: E402
+from timing import median_seconds, rel_err  # noqa: E402
 
 FULL = dict(m=32768, k=2048, n=3072, groups=32, ceiling=8192)
 TINY = dict(m=512, k=128, n=256, groups=8, ceiling=256)
@@ -45,31 +45,6 @@ def group_sizes(m: int, groups: int, skewed: bool, seed: int = 0) -> np.ndarray:
     sizes = np.floor(m * shares / shares.sum()).astype(np.int32)
     sizes[0] += m - sizes.sum()
     return np.random.default_rng(seed).permutation(sizes)
-
-
-def median_seconds(fn, *args, target_s: float = 0.2) -> float:
-    """Median over 3 trials of back-to-back calls (enough calls per trial to fill about target_s)."""
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    reps = int(min(50, max(1, target_s / max(time.perf_counter() - start, 1e-6))))
-    trials = []
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(reps):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        trials.append((time.perf_counter() - start) / reps)
-    return statistics.median(trials)
-
-
-def rel_err(got, want) -> float:
-    """Largest max|got - want| / max|want| over the leaves (the output, or the output and gradients)."""
-    errs = []
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        g, w = g.astype(jnp.float32), w.astype(jnp.float32)  # on the device: no big host copies
-        errs.append(float(jnp.abs(g - w).max() / jnp.maximum(jnp.abs(w).max(), 1e-30)))
-    return max(errs)
 
 
 def with_backward(fn):

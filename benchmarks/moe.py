@@ -20,7 +20,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -35,37 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from m1jax.layers.moe import experts_dense, experts_ragged, route  # noqa: E402
 from m1jax.layers.moe_ep import ExpertParallel  # noqa: E402
 from m1jax.sharding import logical_spec, make_mesh  # noqa: E402
+from timing import median_seconds, rel_err  # noqa: E402
 
 HIDDEN, EXPERTS, TOP_K, WIDTH = 2048, 32, 2, 3072
-
-
-def median_seconds(fn, *args, target_s: float = 0.2) -> float:
-    """Median over 3 trials of back-to-back calls (enough calls per trial to fill about target_s); a call
-    slower than a second is timed once (CPU)."""
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    probe = time.perf_counter() - start
-    if probe > 1.0:
-        return probe
-    reps = int(min(50, max(1, target_s / max(probe, 1e-6))))
-    trials = []
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(reps):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        trials.append((time.perf_counter() - start) / reps)
-    return statistics.median(trials)
-
-
-def rel_err(got, want) -> float:
-    """Largest max|got - want| / max|want| over the leaves."""
-    errs = []
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        g, w = g.astype(jnp.float32), w.astype(jnp.float32)
-        errs.append(float(jnp.abs(g - w).max() / jnp.maximum(jnp.abs(w).max(), 1e-30)))
-    return max(errs)
 
 
 def moe_layer(experts_fn):
