@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 SUBCOMMANDS = {
@@ -22,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
         lines = [f"  {name:<{width}}  {about}" for name, (_, about) in SUBCOMMANDS.items()]
         print("usage: m1jax <command> [options]\n\ncommands:\n" + "\n".join(lines), file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv[0] in ("convert", "plan", "info"):  # host-only work: keep jax off the accelerator
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
     module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
     return module.main(argv[1:]) or 0
 
