@@ -21,7 +21,7 @@ def test_scratchpad_columns_spell_the_answer():
         digits = [item.split("=")[1] for item in items.split(",")]
         last = items.split(",")[-1]
         x, _, y, _, carry = last.split("=")[0]
-        final_carry = (int(x) + int(y) + int(carry) >= 10) if op == "+" else 0
+        final_carry = int(op == "+" and int(x) + int(y) + int(carry) >= 10)
         assert int(str(final_carry) + "".join(reversed(digits))) == abs(result(a, op, b)), text
         assert answer_of(text) == str(eval(f"{a}{op}{b}"))
         assert word == ("add" if op == "+" else "sub" if a >= b else "neg")

@@ -158,6 +158,7 @@ def export(model, tok, out_dir: Path, report: dict) -> Path:
     tensors = {name: t if name.endswith("block_sparse_moe.gate.weight") else t.astype(ml_dtypes.bfloat16)
                for name, t in iter_hf_tensors(params, config)}  # the router stays fp32, as in M1
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "model.safetensors").chmod(0o644)  # safetensors creates it owner-only
     (out_dir / "config.json").write_text(json.dumps(config.to_hf(), indent=1) + "\n")
     tok.save(out_dir)
     (out_dir / "recipe.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -201,9 +202,9 @@ def run_recipe(config_path: Path, out: Path, overrides: list[str] = (), eval_pro
 
 def install(model_dir: Path) -> Path:
     """Copy an exported model into the package as the default model."""
-    from m1jax.default_model import default_model_path
+    import m1jax.default_model
 
-    target = default_model_path()
+    target = Path(m1jax.default_model.__file__).parent
     for name in SHIPPED_FILES:
         shutil.copy2(model_dir / name, target / name)
     return target
