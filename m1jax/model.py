@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
 from m1jax.config import LayerType, ModelConfig
@@ -59,11 +60,11 @@ class DecoderLayer(nnx.Module):
         else:
             a, cache = self.attn(h, ctx.positions, token_mask=ctx.token_mask, segment_ids=ctx.segment_ids,
                                  kv=cache, key_valid=ctx.key_valid, offset=ctx.offset)
-        x = (h if postnorm else x) * attn_alpha + a * attn_beta
+        x = (h if postnorm else x) * attn_alpha + checkpoint_name(a, "attention_out") * attn_beta
 
         h = self.post_attention_norm(x)
         m, stats = self.moe(h, ctx.token_mask, dispatch, ctx.expert_threshold)
-        x = (h if postnorm else x) * mlp_alpha + m * mlp_beta
+        x = (h if postnorm else x) * mlp_alpha + checkpoint_name(m, "moe_out") * mlp_beta
         return x, cache, stats
 
 
@@ -118,8 +119,11 @@ def default_positions(token_mask: Array, segment_ids: Array | None) -> Int[Array
     return idx - jax.lax.cummax(jnp.where(new_doc, idx, 0), axis=1)
 
 
+# Remat policies for the layer cycle: recompute everything, keep matmul outputs, or keep the named sublayer
+# outputs ("attention_out", "moe_out") so the backward recomputes inside a sublayer but not across them.
 REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
-                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                  "sublayers": jax.checkpoint_policies.save_only_these_names("attention_out", "moe_out")}
 
 
 @functools.partial(jax.jit, static_argnames=("scan", "dispatch", "remat", "last_only"))

@@ -207,7 +207,7 @@ def test_remat_policies_give_the_same_gradients(tmp_path):
     from train.step import loss_and_grads
     from m1jax.model import abstract_model
     results = []
-    for remat in ("none", "full", "dots"):
+    for remat in ("none", "full", "dots", "sublayers"):
         tcfg = tiny_config(tmp_path, run={"remat": remat})
         cfg = tcfg.model_config()
         batch = next(PackedBatches(TokenDataset(tcfg.data.path), 32, 8, 0))
@@ -226,3 +226,13 @@ def test_multi_host_launchers_are_detected():
     for env in ({"SLURM_NTASKS": "16"}, {"OMPI_COMM_WORLD_SIZE": "2"}, {"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"},
                 {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, {"M1JAX_DISTRIBUTED": "1"}):
         assert launched_multi_process(env), env
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+    from train.recipes.arithmetic import CONFIG, load_recipe_config
+    configs = Path(__file__).resolve().parents[1] / "train" / "configs"
+    assert TrainConfig.load(configs / "tiny.yaml").model_config().num_layers == 4
+    task, tcfg = load_recipe_config(CONFIG, [])
+    assert task.max_digits == 3 and tcfg.optim.b2 == 0.95 and tcfg.optim.eps == 1e-15
+    assert set(tcfg.model_config().layer_types) == {"lightning", "softmax"}

@@ -118,7 +118,7 @@ def _abstract_state(tmp_path):
 
 
 def test_consecutive_non_finite_losses_stop_the_run_with_a_clear_message(tmp_path, monkeypatch):
-    def poisoned(tcfg, trainer):
+    def poisoned(trainer, pretrained):
         params = trainer.random_params()
         params["final_norm"]["weight"] = params["final_norm"]["weight"] * np.nan
         return params
@@ -129,3 +129,14 @@ def test_consecutive_non_finite_losses_stop_the_run_with_a_clear_message(tmp_pat
         train(tcfg)
     rows = [json.loads(line) for line in (Path(tcfg.run.dir) / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["skipped"], r["loss"]) for r in rows] == [(1, 1, "nan"), (2, 1, "nan"), (3, 1, "nan")]
+
+
+def test_fine_tuning_starts_from_the_given_weights(tmp_path):
+    from m1jax.model import init_model, params_of
+    from tests.train_fixtures import TINY_MODEL
+    tcfg = tiny_config(tmp_path, model={"preset": None, "init_from": "preset:m1-tiny"}, run={"steps": 2})
+    config, params = loop.starting_model(tcfg)
+    assert config == tcfg.replace(model={"preset": "m1-tiny", "init_from": None}).model_config()
+    jax.tree.map(np.testing.assert_array_equal, params, params_of(init_model(config, 0)))
+    assert config.hidden_size == TINY_MODEL["overrides"]["hidden_size"]
+    assert train(tcfg).step == 2

@@ -64,7 +64,7 @@ class RunSection:
     seed: int = 0
     dir: str = "runs/default"
     compute_dtype: str = "bfloat16"  # parameters stay fp32 (master weights); matmuls run in this dtype
-    remat: str = "none"  # "none", "full" (recompute each layer cycle) or "dots" (keep matmul outputs)
+    remat: str = "none"  # "none", "full" (recompute each cycle), "dots" (keep matmul outputs), "sublayers"
     mesh: dict = dataclasses.field(default_factory=lambda: {"data": -1})  # m1jax.sharding.make_mesh axis sizes
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
@@ -78,7 +78,7 @@ class RunSection:
 SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "loss": LossSection,
             "run": RunSection}
 SCHEDULES = ("cosine", "constant")
-REMAT = ("none", "full", "dots")
+REMAT = ("none", "full", "dots", "sublayers")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -64,23 +64,21 @@ class _StopSignal:
             signal.signal(s, handler)
 
 
-def initial_params(tcfg: TrainConfig, trainer):
-    """The starting weights: a seeded random model, or `model.init_from` loaded straight into its shardings."""
+def starting_model(tcfg: TrainConfig):
+    """(model config, pretrained fp32 parameters or None) of a run; `model.init_from` is loaded here once."""
     if tcfg.model.init_from is None:
-        return trainer.random_params()
+        return tcfg.model_config(), None
     from m1jax.loading import from_pretrained
     from m1jax.model import params_of
     model = from_pretrained(tcfg.model.init_from, dtype="float32", **tcfg.model.overrides)
-    return jax.device_put(params_of(model), trainer.state_shardings.params)
+    return model.config, params_of(model)
 
 
-def run_config(tcfg: TrainConfig):
-    """The model config of a run (for model.init_from: the one stored with the weights)."""
-    if tcfg.model.init_from is None:
-        return tcfg.model_config()
-    from m1jax.loading import from_pretrained
-    return jax.eval_shape(lambda: from_pretrained(tcfg.model.init_from, dtype="float32",
-                                                  **tcfg.model.overrides)).config
+def initial_params(trainer, pretrained: dict | None) -> dict:
+    """The starting weights, placed in their shardings: the pretrained ones, or a seeded random model."""
+    if pretrained is None:
+        return trainer.random_params()
+    return jax.device_put(pretrained, trainer.state_shardings.params)
 
 
 def train(tcfg: TrainConfig, *, until: int | None = None) -> RunResult:
@@ -89,7 +87,7 @@ def train(tcfg: TrainConfig, *, until: int | None = None) -> RunResult:
     run_dir = Path(tcfg.run.dir)
     main_process = jax.process_index() == 0
     mesh = make_mesh(**tcfg.run.mesh)
-    config = run_config(tcfg)
+    config, pretrained = starting_model(tcfg)
     trainer = make_trainer(config, tcfg, mesh)
     dataset = TokenDataset(tcfg.data.path)
     dataset.check_vocab(config.vocab_size)
@@ -103,7 +101,8 @@ def train(tcfg: TrainConfig, *, until: int | None = None) -> RunResult:
     if ckpt.latest_step() is not None:
         state, data_state, _ = ckpt.restore(trainer.abstract_state)
     else:
-        state, data_state = trainer.init(initial_params(tcfg, trainer)), DataState(0, 0)
+        state, data_state = trainer.init(initial_params(trainer, pretrained)), DataState(0, 0)
+    del pretrained
     step = int(state.step)
     batches = PackedBatches(dataset, tcfg.data.seq_len, tcfg.data.batch_size, tcfg.run.seed, data_state,
                             jax.process_index(), jax.process_count())
