@@ -176,7 +176,7 @@ def forward(
     def run_cycle(x, cycle, slopes_c, caches_c):
         return cycle(x, ctx, slopes_c, caches_c, dispatch)
 
-    if remat:  # True/"full": recompute each layer cycle in the backward pass; "dots": keep its matmul outputs
+    if remat:  # True means "full"; see REMAT_POLICIES
         run_cycle = jax.checkpoint(run_cycle, policy=REMAT_POLICIES["full" if remat is True else remat])
 
     if scan:
@@ -216,7 +216,7 @@ def abstract_model(config: ModelConfig) -> M1Model:
 
 
 def abstract_params(config: ModelConfig) -> dict:
-    """The parameter tree (see /work/notes-style layout in m1jax.weights) as ShapeDtypeStructs."""
+    """The parameter tree (its tensor-name mapping is in m1jax.weights) as ShapeDtypeStructs."""
     return nnx.to_pure_dict(nnx.state(abstract_model(config), nnx.Param))
 
 
