@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
-from flax import nnx
 
 from m1jax.config import ModelConfig, get_preset
 from m1jax.model import M1Model, abstract_model, init_model, params_of, with_params
+from m1jax.sharding import param_shardings
 
 PRESET_PREFIX = "preset:"
 
@@ -44,7 +44,7 @@ def from_pretrained(source: str | Path | None = None, *, dtype: str | None = Non
             path, cfg, dtype=cfg.dtype, shardings=shardings)
     config = _with(config, dtype, config_overrides)
     model = abstract_model(config)
-    shardings = None if mesh is None else _param_shardings(model, mesh)
+    shardings = None if mesh is None else param_shardings(config, mesh)
     return with_params(model, restore(config, shardings))
 
 
@@ -52,12 +52,7 @@ def _with(config: ModelConfig, dtype: str | None, overrides: dict) -> ModelConfi
     return config.replace(**({"dtype": dtype} if dtype else {}), **overrides)
 
 
-def _param_shardings(model: M1Model, mesh):
-    from m1jax.sharding import param_shardings
-    return param_shardings(model.config, mesh)
-
-
 def shard_model(model: M1Model, mesh) -> M1Model:
     """Place an in-memory model's parameters into their shardings on `mesh`."""
-    shardings = _param_shardings(model, mesh)
+    shardings = param_shardings(model.config, mesh)
     return with_params(model, jax.tree.map(jax.device_put, params_of(model), shardings))
