@@ -8,7 +8,7 @@ Prints a markdown table. Every row is guarded (a failure prints its traceback an
 valuable first, and rows left after --budget-s are skipped.
 
     python benchmarks/generate.py                       # GPU: m1-1.5b; CPU: m1-tiny
-    python benchmarks/generate.py --preset m1-small --budget-s 60 --dispatch dense
+    python benchmarks/generate.py --preset m1-small --budget-s 60 --dispatch gather dense
 """
 
 import os
@@ -149,8 +149,9 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=defaults["new_tokens"])
     parser.add_argument("--hf-new-tokens", type=int, default=defaults["hf_new_tokens"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--dispatch", nargs="+", default=["ragged", "dense"],
-                        help="MoE dispatches to measure (m1jax.layers.moe.DISPATCH), one m1jax row each")
+    parser.add_argument("--dispatch", nargs="+", default=["gather", "ragged"],
+                        help="MoE dispatches to measure at decode (m1jax.layers.moe.DISPATCH), one m1jax row each; "
+                             "prefill rows use 'auto'")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--torch-threads", type=int, default=1 if platform == "cpu" else None,
                         help="torch CPU threads (default on CPU: 1; more threads collapse on a loaded machine)")
@@ -192,7 +193,7 @@ def main(argv=None) -> int:
         names = [what] if key[0] == "prefill" else [what.replace("decode", "decode only"),
                                                      what.replace("decode", "prefill + decode")]
         mine = {}
-        for dispatch in args.dispatch:
+        for dispatch in args.dispatch if key[0] == "decode" else ["auto"]:
             mine[dispatch] = guarded(lambda: ours(dispatch)) if not over() else "skipped (budget)"
         other = None if args.no_transformers else guarded(theirs) if not over() else "skipped (budget)"
         for i, name in enumerate(names):

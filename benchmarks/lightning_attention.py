@@ -5,16 +5,21 @@
     python benchmarks/lightning_attention.py --long --no-sweep
     python benchmarks/lightning_attention.py                # CPU: a tiny shape in interpret mode (a smoke test)
 
+Time limit: with the defaults (--budget 250, --after-fla 50) the run ends within about 280 s of start-up; give
+it 290 s (``T_LIGHTNING=290 bash benchmarks/run_gpu.sh lightning``).
+
 Every row is printed (markdown) as soon as it is measured, so a run killed at its time limit keeps what it measured.
-Order, most valuable first: correctness on the device (bf16 kernels vs the fp32 XLA path); Pallas forward and
-forward+backward at the default tuning; fla's ``chunk_simple_gla`` (timed as in shared/bench/anchor_torch.py, in a
-subprocess started at start-up so that its first calls, Triton autotuning of about a hundred configs, overlap this
-process's compiles; it is stopped while anything here is timed, times its own calls alone, and is killed if its
-first calls are not done --after-fla seconds before the budget ends; the first calls' seconds are printed); a
-decode step at batch 64 against its memory floor; the XLA anchor at the largest T <= 32K (forward only, one warm-up
-and 3 calls); then a sweep of forward tunings at that T (``SWEEP``, the default first; then chunks per block and
-the local-state tile around the fastest), each row with its output's error against the default's, and
-forward+backward for the two fastest, with gradient errors against the default's. The sweep compiles in background
+fla's ``chunk_simple_gla`` runs in a subprocess started at start-up (timed as in shared/bench/anchor_torch.py):
+its first calls, Triton autotuning of about a hundred configs per kernel, overlap everything this process does
+until --budget minus --after-fla seconds (200 s by default); it is stopped while anything here is timed, times its
+own calls alone once this process waits for it, and is killed if its first calls are not done by then (their
+seconds are printed). Order, most valuable first: correctness on the device (bf16 kernels, the three-kernel and the
+fused forward, vs the fp32 XLA path); Pallas forward and forward+backward at the default tuning; a decode step at
+batch 64 against its memory floor; the XLA anchor at the largest T <= 32K (forward only, one warm-up and 3 calls);
+a sweep of forward tunings at that T (``SWEEP``: the default, then the fused forward's candidates, then the
+three-kernel ones), each row with its output's error against the default's; then fla; then chunks per block (and
+the local-state tile) around the fastest, and forward+backward for the two fastest, with gradient errors against
+the default's; then the packed-segment correctness check. The sweep and its follow-ups compile in background
 threads while the earlier parts run. TB/s counts minimal bytes (q, k, v read and o written forward; plus do read
 and dq, dk, dv written backward) against a 2 GiB copy measured in the same run. Every part is guarded: a failure
 prints its traceback and the run goes on; no part starts once --budget seconds have passed since start-up, or if
@@ -58,8 +63,28 @@ F32, BF16 = jnp.float32, jnp.bfloat16
 # puts all warps on M=64), 4 warps or chunk 128 do not; BV < head dim recomputes Q K^T once per v-tile; the output
 # kernel's registers and shared memory allow 1 program per SM at the default, 2 at 8 warps with BV 32 and at
 # 4 warps (3 with BV 16), so that one program's serial chunk chain hides another's latency.
+# The fused forward (one kernel, q, k, v read once from HBM if the k, v of pass 1 are still in L2 for pass 2) trades
+# the block size: small blocks keep that re-read in L2 but lengthen the serial chain of state hand-offs (one per
+# block: T / block of them at 32K, a few microseconds each), large ones the other way round. Its 4-warp BV 64 form
+# spills registers. These rows also set the backward's tiles (the same Tuning fields), which only the
+# forward+backward rows see.
+FUSED = [
+    ("fused, BV 64, 8 chunks/block", 64, Tuning(chunks_per_block=8, block_v=64, num_warps=8, fused_forward=True)),
+    ("fused, BV 64, 4 chunks/block", 64, Tuning(chunks_per_block=4, block_v=64, num_warps=8, fused_forward=True)),
+    ("fused, BV 64, 16 chunks/block", 64, Tuning(chunks_per_block=16, block_v=64, num_warps=8, fused_forward=True)),
+    ("fused, BV 128, 8 chunks/block", 64, Tuning(chunks_per_block=8, block_v=128, num_warps=8, fused_forward=True)),
+    ("fused, BV 128, 4 chunks/block", 64, Tuning(chunks_per_block=4, block_v=128, num_warps=8, fused_forward=True)),
+    ("fused, BV 128, 16 chunks/block", 64, Tuning(chunks_per_block=16, block_v=128, num_warps=8, fused_forward=True)),
+    ("fused, 4 warps, BV 32, 8 chunks/block", 64,
+     Tuning(chunks_per_block=8, block_v=32, local_block_v=32, block_k=32, num_warps=4, fused_forward=True)),
+    ("fused, BV 64, 3 stages, 8 chunks/block", 64,
+     Tuning(chunks_per_block=8, block_v=64, num_warps=8, num_stages=3, fused_forward=True)),
+    ("fused, chunk 128, BV 64, 4 chunks/block", 128,
+     Tuning(chunks_per_block=4, block_v=64, num_warps=8, fused_forward=True)),
+]
 SWEEP = [  # (label, chunk, tuning)
     ("default", GPU_CHUNK, DEFAULT_TUNING),
+    *FUSED,
     ("3 stages", 64, Tuning(num_stages=3)),
     ("4 warps, BV 32, 3 stages", 64, Tuning(num_warps=4, block_v=32, local_block_v=32, block_k=32, num_stages=3)),
     ("BV 128, 3 stages", 64, Tuning(block_v=128, local_block_v=128, num_stages=3)),
@@ -72,18 +97,23 @@ SWEEP = [  # (label, chunk, tuning)
     ("chunk 128", 128, Tuning(chunks_per_block=4)),
 ]
 # With packed segments (segment_ids) the kernels hold more registers: these tunings then spill (the test checks it).
-SPILLS_WHEN_PACKED = {"4 warps, BV 32, 3 stages", "BV 128, 3 stages", "4 warps", "4 warps, BV 16, local BV 32",
-                      "BV 128", "chunk 128"}
+SPILLS_WHEN_PACKED = {"default", "4 warps, BV 32, 3 stages", "BV 128, 3 stages", "4 warps",
+                      "4 warps, BV 16, local BV 32", "BV 128", "chunk 128",
+                      "fused, BV 128, 8 chunks/block", "fused, BV 128, 4 chunks/block",
+                      "fused, BV 128, 16 chunks/block", "fused, 4 warps, BV 32, 8 chunks/block",
+                      "fused, chunk 128, BV 64, 4 chunks/block"}
 LOCAL_BLOCK_V = {8: (32, 64, 128), 4: (32, 64)}  # local-state tiles without spills, by num_warps
+MAX_CHUNKS_PER_BLOCK = 32  # the default's 4-warp dv kernel spills registers at 64 and 128
 
 
 def refinements(label: str, chunk: int, tuning: Tuning) -> list[tuple[str, int, Tuning]]:
     """Second sweep round around the fastest first-round config: chunks per block and the local-state tile."""
     cpbs = [n for n in (tuning.chunks_per_block * 2, tuning.chunks_per_block * 4, tuning.chunks_per_block // 2)
-            if n >= 1]
+            if 1 <= n <= MAX_CHUNKS_PER_BLOCK]
     out = [(f"{label}; {n} chunks/block", chunk, dataclasses.replace(tuning, chunks_per_block=n)) for n in cpbs]
-    out += [(f"{label}; local BV {bv}", chunk, dataclasses.replace(tuning, local_block_v=bv))
-            for bv in LOCAL_BLOCK_V[tuning.num_warps] if bv != tuning.local_block_v]
+    if not tuning.fused_forward:  # the fused forward has no separate local-state tile
+        out += [(f"{label}; local BV {bv}", chunk, dataclasses.replace(tuning, local_block_v=bv))
+                for bv in LOCAL_BLOCK_V[tuning.num_warps] if bv != tuning.local_block_v]
     return out
 
 
@@ -92,8 +122,9 @@ def packed_note(label: str) -> str:
 
 
 def describe(chunk: int, t: Tuning) -> str:
-    return (f"chunk {chunk}, {t.chunks_per_block} chunks/block, BV {t.block_v}, local BV {t.local_block_v}, "
-            f"BK {t.block_k}, {t.num_warps} warps, {t.num_stages} stages")
+    return (f"{'fused forward, ' if t.fused_forward else ''}chunk {chunk}, {t.chunks_per_block} chunks/block, "
+            f"BV {t.block_v}, local BV {t.local_block_v}, BK {t.block_k}, {t.num_warps} warps, "
+            f"{t.num_stages} stages")
 
 
 def minimax_slopes(heads: int, layer: int = 0, num_layers: int = 80) -> np.ndarray:
@@ -243,7 +274,8 @@ class Run:
 
 
 def check_correctness(args, configs):
-    """Kernels vs the fp32 XLA path on the same (bf16-rounded) inputs, for (dtype, packed) configs."""
+    """Kernels vs the fp32 XLA path on the same (bf16-rounded) inputs, for (dtype, packed) configs: the default
+    tuning and the first fused-forward one (its look-back's memory ordering can only be checked on a GPU)."""
     batch, seq, heads, dim = 2, 2048 + 37, 4, args.dim
     slopes = jnp.asarray(minimax_slopes(64)[[0, 20, 40, 63]])
     keys = jax.random.split(jax.random.key(7), 3)
@@ -268,13 +300,19 @@ def check_correctness(args, configs):
             with jax.default_matmul_precision("highest"):
                 return lightning_attention(*a, **kw, impl="xla")
 
-        got = run(lambda *a, **kw: lightning_attention(*a, **kw, impl="pallas_gpu"), lambda x: x)
+        def pallas(chunk, tuning):
+            return lambda q, k, v, s, initial_state, segment_ids: lightning_attention_pallas_gpu(
+                q, k, v, s, initial_state, segment_ids, chunk_size=chunk, interpret=args.interpret, tuning=tuning)
+
         ref = run(xla, lambda x: x.astype(F32))
-        errs = [rel(g, r) for g, r in zip(got, ref)]
-        tol = 5e-3 if dtype == BF16 else 1e-4
-        verdict = f"{'PASS' if all(e <= tol for e in errs) else 'FAIL'} (tol {tol})"
-        row(f"pallas_gpu {jnp.dtype(dtype).name}{' packed' if packed else ''}, T={seq}", *(f"{e:.1e}" for e in errs),
-            verdict)
+        for label, chunk, tuning in (SWEEP[0], FUSED[0]):
+            def one():
+                errs = [rel(g, r) for g, r in zip(run(pallas(chunk, tuning), lambda x: x), ref)]
+                tol = 5e-3 if dtype == BF16 else 1e-4
+                verdict = f"{'PASS' if all(e <= tol for e in errs) else 'FAIL'} (tol {tol})"
+                row(f"pallas_gpu {label} {jnp.dtype(dtype).name}{' packed' if packed else ''}, T={seq}",
+                    *(f"{e:.1e}" for e in errs), verdict)
+            attempt(f"correctness {label}", one)
 
 
 def bench_pallas_default(run: Run, seqs, quiet_gpu):
@@ -460,13 +498,15 @@ def bench_decode(run: Run):
         attempt(f"decode {impl}", one)
 
 
-def bench_xla_anchor(run: Run, seq):
+def bench_xla_anchor(run: Run, seq, quiet_gpu):
     a = run.args
     q, k, v, _ = run.get_inputs(seq)
     fwd, _ = attention_fns(jnp.asarray(minimax_slopes(a.heads)), impl="xla", chunk=256)  # 256: as the XLA anchor
+    compiled, _ = Job(fwd, q, k, v).result()
     section("XLA chunked scan (chunk 256, plain autodiff), forward only: one warm-up + 3 calls",
             ["impl", "T", "pass", "ms", "TB/s (% copy ceiling)", "pallas_gpu (default) speed-up"])
-    ms = time_jax(jax.jit(fwd), q, k, v, warmup=1, reps=3, inner=1)
+    with quiet_gpu():
+        ms = time_jax(compiled, q, k, v, warmup=1, reps=3, inner=1)
     ref = run.times.get(("pallas_gpu", seq, "fwd"))
     row("xla chunk 256", seq, "fwd", f"{ms:.3f}", run.tb_s(ms, seq, True), f"{ms / ref:.1f}x" if ref else "")
 
@@ -476,14 +516,15 @@ SWEEP_HEADER = ["#", "config", "fwd ms", "TB/s (% copy ceiling)", "vs default", 
 
 
 class Sweep:
-    """Forward tunings at one T, compiled in the background; rows printed as timed."""
+    """Forward tunings at one T, compiled in the background; rows printed as timed (inside ``quiet_gpu()``)."""
 
-    def __init__(self, run: Run, seq: int):
-        self.run, self.seq = run, seq
+    def __init__(self, run: Run, seq: int, quiet_gpu):
+        self.run, self.seq, self.quiet_gpu = run, seq, quiet_gpu
         self.slopes = jnp.asarray(minimax_slopes(run.args.heads))
         self.pending: list[tuple[str, int, Tuning, Job]] = []
         self.results: dict[tuple[int, Tuning], float] = {}
         self.labels: dict[tuple[int, Tuning], str] = {}
+        self.fwd_bwd_jobs: dict[tuple[int, Tuning], Job] = {}
 
     def submit(self, configs):
         q, k, v, _ = self.run.get_inputs(self.seq)
@@ -497,7 +538,8 @@ class Sweep:
                 self.pending.append((label, chunk, tuning, job))
 
     def time_pending(self, reserve: float):
-        """Time the submitted configs in order; stop (leaving the rest) when ``reserve`` seconds are left."""
+        """Time the submitted configs in order; stop (leaving the rest) when ``reserve`` seconds are left. The output
+        error is against the default's; a config whose output changes between calls (a race) says so."""
         q, k, v, _ = self.run.get_inputs(self.seq)
         ref = self.run.default_out.get((self.seq, "fwd"))
         default_ms = self.run.times.get(("pallas_gpu", self.seq, "fwd"))
@@ -509,9 +551,14 @@ class Sweep:
 
             def one():
                 compiled, compile_s = job.result()
-                ms = time_jax(compiled, q, k, v)
+                first = compiled(q, k, v)
+                with self.quiet_gpu():
+                    ms = time_jax(compiled, q, k, v)
                 self.results[(chunk, tuning)] = ms
-                err = f"{rel_device(compiled(q, k, v), ref):.1e}" if ref is not None else ""
+                out = compiled(q, k, v)
+                err = f"{rel_device(out, ref):.1e}" if ref is not None else ""
+                if not bool(jnp.array_equal(out, first)):
+                    err += f" (RACE? calls differ by {rel_device(out, first):.1e})"
                 row(len(self.results), f"{label}: {describe(chunk, tuning)}{packed_note(label)}", f"{ms:.3f}",
                     self.run.tb_s(ms, self.seq, True), f"{default_ms / ms:.2f}x" if default_ms else "",
                     self.run.vs_fla(ms, self.seq, "fwd"), err, f"{compile_s:.1f}")
@@ -520,24 +567,30 @@ class Sweep:
     def best(self, n: int) -> list[tuple[int, Tuning]]:
         return sorted(self.results, key=self.results.get)[:n]
 
-    def fwd_bwd(self, configs):
-        """Forward+backward of the given configs, gradients compared with the default's."""
+    def submit_fwd_bwd(self, configs):
+        """Compile forward+backward of the given configs in the background."""
+        q, k, v, do = self.run.get_inputs(self.seq)
+        for chunk, tuning in configs:
+            if (chunk, tuning) not in self.fwd_bwd_jobs:
+                _, fwd_bwd = attention_fns(self.slopes, chunk=chunk, tuning=tuning, interpret=self.run.args.interpret)
+                job = attempt(f"lowering forward+backward {describe(chunk, tuning)}",
+                              lambda: Job(fwd_bwd, q, k, v, do))
+                if job:
+                    self.fwd_bwd_jobs[(chunk, tuning)] = job
+
+    def time_fwd_bwd(self):
+        """Forward+backward of the submitted configs, gradients compared with the default's."""
         q, k, v, do = self.run.get_inputs(self.seq)
         ref = self.run.default_out.get((self.seq, "fwd+bwd"))
         default_ms = self.run.times.get(("pallas_gpu", self.seq, "fwd+bwd"))
-        jobs = []
-        for chunk, tuning in configs:
-            _, fwd_bwd = attention_fns(self.slopes, chunk=chunk, tuning=tuning, interpret=self.run.args.interpret)
-            job = attempt(f"lowering forward+backward {describe(chunk, tuning)}", lambda: Job(fwd_bwd, q, k, v, do))
-            if job:
-                jobs.append((chunk, tuning, job))
         section(f"Forward+backward of the fastest forward tunings, T={self.seq}",
                 ["config", "fwd+bwd ms", "TB/s (% copy ceiling)", "vs default", "vs fla", "dq, dk, dv err vs default",
                  "compile s"])
-        for chunk, tuning, job in jobs:
+        for (chunk, tuning), job in self.fwd_bwd_jobs.items():
             def one():
                 compiled, compile_s = job.result()
-                ms = time_jax(compiled, q, k, v, do)
+                with self.quiet_gpu():
+                    ms = time_jax(compiled, q, k, v, do)
                 grads = compiled(q, k, v, do)
                 errs = ", ".join(f"{rel_device(g, r):.1e}" for g, r in zip(grads, ref)) if ref is not None else ""
                 row(f"{self.labels[(chunk, tuning)]}: {describe(chunk, tuning)}", f"{ms:.3f}",
@@ -547,14 +600,24 @@ class Sweep:
             if self.run.budget.allows(f"forward+backward of {describe(chunk, tuning)}", 8):
                 attempt(f"sweep forward+backward {describe(chunk, tuning)}", one)
 
+    def report_fastest(self):
+        chunk, tuning = self.best(1)[0]
+        label, ms = self.labels[(chunk, tuning)], self.results[(chunk, tuning)]
+        fla = self.run.vs_fla(ms, self.seq, "fwd")
+        print(f"\nFastest forward: {label}: {describe(chunk, tuning)}{packed_note(label)}, {ms:.3f} ms"
+              + (f" ({fla} faster than fla in this run)" if fla else "") + " (see its forward+backward row).\n"
+              f"To make it the default: DEFAULT_TUNING = {tuning!r} in pallas_kernels/lightning/pallas_gpu.py"
+              + (f" and GPU_CHUNK = {chunk} in pallas_kernels/lightning/api.py" if chunk != GPU_CHUNK else ""),
+              flush=True)
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--long", action="store_true", help="also T=128K (Pallas only)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the tuning sweep")
     parser.add_argument("--seqs", type=str, default=None, help="comma-separated sequence lengths")
-    parser.add_argument("--budget", type=float, default=150, help="seconds after start-up past which no part starts")
-    parser.add_argument("--after-fla", type=float, default=45,
+    parser.add_argument("--budget", type=float, default=250, help="seconds after start-up past which no part starts")
+    parser.add_argument("--after-fla", type=float, default=50,
                         help="seconds of the budget kept for the parts after fla (fla is killed if not ready by then)")
     args = parser.parse_args()
     args.gpu = jax.default_backend() == "gpu"
@@ -566,7 +629,8 @@ def main():
     else:  # a tiny interpret-mode smoke run of every part but fla
         args.batch, args.heads, args.dim, args.dtype, args.decode_batch = 1, 2, 64, F32, 2
         seqs = [256]
-        args.interpret, sweep, sweep_reserve = True, [e for e in SWEEP if e[0] in ("default", "BV 32")], 0
+        fused = ("fused, 2 chunks/block", 64, dataclasses.replace(FUSED[0][2], chunks_per_block=2))  # 2 blocks
+        args.interpret, sweep, sweep_reserve = True, [SWEEP[0], fused, ("BV 32", 64, Tuning(block_v=32))], 0
     if args.seqs:
         seqs = [int(s) for s in args.seqs.split(",")]
     args.sweep_seq = max([s for s in seqs if s <= 32768] or seqs[:1])
@@ -579,38 +643,35 @@ def main():
         with quiet_gpu():
             run.ceiling = attempt("copy ceiling", copy_ceiling_tb_s)
         print(f"copy ceiling: {run.ceiling and f'{run.ceiling:.2f}'} TB/s", flush=True)
-    if budget.allows("correctness", 15):
+    if budget.allows("correctness", 25):
         attempt("correctness bf16", lambda: check_correctness(args, [(BF16, False)]))
     if budget.allows("pallas_gpu rows", 20):
         attempt("pallas_gpu rows", lambda: bench_pallas_default(run, seqs, quiet_gpu))
-    sweeper = Sweep(run, args.sweep_seq)
-    if not args.no_sweep:  # compiles in the background while fla, decode and the XLA anchor run
+    sweeper = Sweep(run, args.sweep_seq, quiet_gpu)
+    if not args.no_sweep:  # compiles in the background while decode and the XLA anchor run
         attempt("sweep compile", lambda: sweeper.submit(sweep))
-    if fla:
-        attempt("fla", lambda: fla.finish(deadline_s=args.budget - args.after_fla))
     if budget.allows("decode", 8):
-        attempt("decode", lambda: bench_decode(run))
+        with quiet_gpu():
+            attempt("decode", lambda: bench_decode(run))
     if budget.allows("xla anchor", 10):
-        attempt("xla anchor", lambda: bench_xla_anchor(run, args.sweep_seq))
+        attempt("xla anchor", lambda: bench_xla_anchor(run, args.sweep_seq, quiet_gpu))
     if not args.no_sweep and budget.allows("sweep", sweep_reserve + 5):
         section(f"Sweep of forward tunings, T={args.sweep_seq} (vs default > 1: faster than the default tuning)",
                 SWEEP_HEADER)
         sweeper.time_pending(sweep_reserve)
-        if sweeper.results:
+        if sweeper.results:  # the follow-ups compile while fla finishes
             chunk, tuning = sweeper.best(1)[0]
             sweeper.submit(refinements(sweeper.labels[(chunk, tuning)], chunk, tuning))
-            sweeper.time_pending(sweep_reserve)
-        best = [ct for ct in sweeper.best(3) if ct != (GPU_CHUNK, DEFAULT_TUNING)][:2]
-        attempt("sweep forward+backward", lambda: sweeper.fwd_bwd(best))
-        if sweeper.results:
-            chunk, tuning = sweeper.best(1)[0]
-            label = sweeper.labels[(chunk, tuning)]
-            print(f"\nFastest forward: {label}: {describe(chunk, tuning)}{packed_note(label)}, "
-                  f"{sweeper.results[(chunk, tuning)]:.3f} ms (see its forward+backward row).\n"
-                  f"To make it the default: DEFAULT_TUNING = {tuning!r} in pallas_kernels/lightning/pallas_gpu.py"
-                  + (f" and GPU_CHUNK = {chunk} in pallas_kernels/lightning/api.py" if chunk != GPU_CHUNK else ""),
-                  flush=True)
-    if budget.allows("correctness packed / fp32", 20):
+            sweeper.submit_fwd_bwd([ct for ct in sweeper.best(3) if ct != (GPU_CHUNK, DEFAULT_TUNING)][:2])
+    if fla:
+        attempt("fla", lambda: fla.finish(deadline_s=args.budget - args.after_fla))
+    if sweeper.results:
+        section(f"Sweep, second round: around the fastest, T={args.sweep_seq}", SWEEP_HEADER)
+        sweeper.time_pending(sweep_reserve)
+        sweeper.submit_fwd_bwd([ct for ct in sweeper.best(1) if ct != (GPU_CHUNK, DEFAULT_TUNING)])
+        attempt("sweep forward+backward", sweeper.time_fwd_bwd)
+        sweeper.report_fastest()
+    if budget.allows("correctness packed / fp32", 25):
         attempt("correctness packed / fp32", lambda: check_correctness(args, [(BF16, True), (F32, True)]))
     print(f"\n(done in {time.perf_counter() - START:.0f} s)", flush=True)
     os._exit(0)  # do not wait for background compiles that were never needed

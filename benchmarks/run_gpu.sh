@@ -2,7 +2,7 @@
 # Every GPU check and benchmark in one device call, most valuable first; each part has its own time limit,
 # so one failure or hang costs only its slot. Tables go to stdout and to $OUT/*.md.
 # Usage (repo root, on the GPU machine; bench_local/ holds the fla wheel copied from ../shared/bench/wheels):
-#   bash benchmarks/run_gpu.sh [lightning grouped_matmul moe generate train]
+#   bash benchmarks/run_gpu.sh [lightning grouped_matmul moe decode_parts generate train]
 set -o pipefail
 OUT=${OUT:-/tmp/m1jax_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
@@ -21,11 +21,12 @@ part() {  # part NAME SECONDS COMMAND...
 }
 
 # Parts to run: the arguments, or all of them.
-for p in ${@:-lightning grouped_matmul moe generate train}; do
+for p in ${@:-lightning grouped_matmul moe decode_parts generate train}; do
   case $p in
     lightning) part lightning "${T_LIGHTNING:-170}" python3 benchmarks/lightning_attention.py ;;
     grouped_matmul) part grouped_matmul "${T_GMM:-70}" python3 benchmarks/grouped_matmul.py ;;
     moe) part moe "${T_MOE:-70}" python3 benchmarks/moe.py ;;
+    decode_parts) part decode_parts "${T_DECODE_PARTS:-60}" python3 benchmarks/decode_parts.py ;;
     generate) part generate "${T_GENERATE:-110}" python3 benchmarks/generate.py ;;
     train) part train "${T_TRAIN:-80}" python3 benchmarks/train_step.py ;;
     *) echo "unknown part $p" ;;

@@ -1,13 +1,18 @@
-"""Request batching: a background thread gathers the requests that arrive within a few milliseconds and runs
-them as one `Generation`, padded to bucketed shapes (batch, prompt length, step buffer) to bound recompiles.
+"""Continuous batching: a background thread keeps one running `Generation` of `max_batch` rows (bucketed) and
+advances it in segments of `segment` tokens; after each segment every request gets its new tokens and text
+through its `on_delta` callback, and finished requests get their `Result` through `on_done` (both called on the
+engine thread).
 
-A batch runs to completion in segments of `segment` tokens; after each segment every request gets its new
-tokens and text through its `on_delta` callback (called on the engine thread). Requests that arrive meanwhile
-wait for the next batch.
+Requests join the running batch at the next segment boundary, taking the rows of finished ones: the newcomers
+are prefilled on their own (one batch of them, bucketed shapes) and spliced in with `Generation.join`, which
+says where their cache goes and when it grows. A row produces the same tokens whenever it joins. When nothing
+runs, the first request starts a new batch with those that arrive within `batch_window_ms`; requests that find
+no free row wait (first come, first served).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import queue
 import threading
@@ -15,7 +20,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 
-from m1jax.generation import Delta, Generation
+from m1jax.generation import THINK_CLOSE, THINK_OPEN, Delta, Generation
 from m1jax.model import M1Model
 
 
@@ -43,7 +48,7 @@ class Result:
     finish_reason: str
     prompt_tokens: int
     routing: dict  # {"input" | "output" | "skipped": [layers][experts] counts}
-    batch_size: int  # requests that ran in the same batch
+    batch_size: int  # the most requests that ran in the batch at once while this one ran
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -62,8 +67,16 @@ class Engine:
         self.segment, self.prefill_chunk = segment, prefill_chunk
         self.min_batch_bucket = min_batch_bucket
         self.min_prompt_bucket, self.min_steps_bucket = min_prompt_bucket, min_steps_bucket
-        self.stats = {"batches": 0, "requests": 0, "largest_batch": 0}
+        self.rows = bucket(max_batch, min_batch_bucket)  # rows of the running batch
+        # batches: started from idle; joined: requests that joined a running batch
+        self.stats = {"batches": 0, "requests": 0, "joined": 0, "largest_batch": 0}
+        ids = None if tokenizer is None else (tokenizer.token_to_id(THINK_OPEN), tokenizer.token_to_id(THINK_CLOSE))
+        self._think_ids = None if ids is None or None in ids else ids
         self._queue: queue.Queue[Request | None] = queue.Queue()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._gen: Generation | None = None
+        self._owners: list[Request | None] = []  # the request of each row of the running batch
+        self._peers: list[int] = []  # per row: the most requests that ran at once alongside (batch_size)
         self._thread = threading.Thread(target=self._loop, name="m1jax-engine", daemon=True)
         self._closed = False
 
@@ -81,65 +94,133 @@ class Engine:
             raise RuntimeError("the engine is closed")
         self._queue.put(request)
 
+    # ---- the engine thread
     def _loop(self) -> None:
-        while True:
+        accepting = True
+        while accepting or self._running() or self._waiting:
+            if accepting:
+                accepting = self._receive()
+            self._admit()
+            if self._running():
+                self._advance()
+
+    def _running(self) -> int:
+        return sum(r is not None for r in self._owners)
+
+    def _receive(self) -> bool:
+        """Move new requests to the waiting line: when idle, block for one, then gather those arriving within
+        the batch window; else take what has arrived. False once the engine is closed."""
+        if not self._running() and not self._waiting:
             first = self._queue.get()
             if first is None:
-                return
-            batch, deadline = [first], time.monotonic() + self.window
-            while len(batch) < self.max_batch:
+                return False
+            self._waiting.append(first)
+            deadline = time.monotonic() + self.window
+            while len(self._waiting) < self.max_batch:
                 try:
                     r = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
-                    break
+                    return True
                 if r is None:
-                    self._queue.put(None)
-                    break
-                batch.append(r)
-            batch = [r for r in batch if not r.cancelled]
-            if batch:
-                self._run(batch)
+                    return False
+                self._waiting.append(r)
+            return True
+        while True:
+            try:
+                r = self._queue.get_nowait()
+            except queue.Empty:
+                return True
+            if r is None:
+                return False
+            self._waiting.append(r)
 
-    def _run(self, batch: list[Request]) -> None:
+    def _admit(self) -> None:
+        """Start a batch with waiting requests when none runs, else let them join into free rows."""
+        self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+        joining = self._running() > 0
+        free = [i for i, r in enumerate(self._owners) if r is None]
+        n = min(len(self._waiting), self.max_batch - self._running(), len(free) if joining else self.max_batch)
+        if n <= 0:
+            return
+        batch = [self._waiting.popleft() for _ in range(n)]
         try:
-            self._generate(batch)
-        except BaseException as e:  # noqa: BLE001 - the engine must survive one bad batch
-            traceback.print_exc()
-            for r in batch:
-                r.on_done(e)
-
-    def _generate(self, batch: list[Request]) -> None:
-        n = len(batch)
-        self.stats["batches"] += 1
+            gen = self._generation(batch, rows=None if joining else self.rows)
+        except BaseException as e:  # noqa: BLE001 - the engine must survive bad requests
+            return self._fail(batch, e)
+        if joining:
+            try:
+                self._gen.join(gen, free[:n])
+            except BaseException as e:  # noqa: BLE001 - the running batch may be broken: end it
+                return self._fail(batch + [r for r in self._owners if r is not None], e, reset=True)
+            for r, i in zip(batch, free):
+                self._owners[i], self._peers[i] = r, 0
+            self.stats["joined"] += n
+        else:
+            self._gen = gen
+            self._owners = batch + [None] * (self.rows - n)
+            self._peers = [0] * self.rows
+            self.stats["batches"] += 1
         self.stats["requests"] += n
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], n)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], self._running())
+
+    def _generation(self, batch: list[Request], rows: int | None) -> Generation:
+        """The requests as a prefilled batch, padded to bucketed shapes; with `rows`, filled up to that many rows
+        with finished placeholder rows (free for joining)."""
+        n = len(batch)
+        pad = 0 if rows is None else rows - n
         longest = max(len(r.prompt) for r in batch)
         prompt_bucket = bucket(longest, self.min_prompt_bucket)
         if prompt_bucket > self.prefill_chunk:  # long prompts: a whole number of prefill chunks
             prompt_bucket = -(-longest // self.prefill_chunk) * self.prefill_chunk
-        thinking = [r.thinking_budget for r in batch]
-        gen = Generation(
-            self.model, [r.prompt for r in batch],
-            max_new_tokens=[r.max_new_tokens for r in batch], temperature=[r.temperature for r in batch],
-            top_k=[r.top_k for r in batch], top_p=[r.top_p for r in batch], seed=[r.seed for r in batch],
-            stop_strings=[list(r.stop) for r in batch],
-            thinking_budget=None if all(t is None for t in thinking) else [-1 if t is None else t for t in thinking],
-            expert_threshold=[r.expert_threshold for r in batch], tokenizer=self.tokenizer,
-            prefill_chunk=self.prefill_chunk, min_batch=bucket(n, self.min_batch_bucket),
+        value = lambda name, placeholder: [getattr(r, name) for r in batch] + [placeholder] * pad
+        thinking = value("thinking_budget", None)
+        if self._think_ids is None and all(t is None for t in thinking):
+            thinking = None
+        else:  # with the think ids known, every batch tracks <think> blocks (-1: no cap), so rows can move
+            thinking = [-1 if t is None else t for t in thinking]
+        return Generation(
+            self.model, [r.prompt for r in batch] + [[0]] * pad,
+            max_new_tokens=value("max_new_tokens", 0), temperature=value("temperature", 0.0),
+            top_k=value("top_k", 0), top_p=value("top_p", 1.0), seed=value("seed", 0),
+            stop_strings=[list(r.stop) for r in batch] + [[]] * pad, thinking_budget=thinking,
+            think_ids=self._think_ids, expert_threshold=value("expert_threshold", 0.0), tokenizer=self.tokenizer,
+            prefill_chunk=self.prefill_chunk, min_batch=rows or bucket(n, self.min_batch_bucket),
             min_prompt_len=prompt_bucket,
             min_new_tokens=bucket(max(r.max_new_tokens for r in batch), self.min_steps_bucket))
-        for deltas in gen.stream(self.segment):
-            for r, d in zip(batch, deltas):
-                if d.tokens or d.text:
-                    r.on_delta(d)
-            gen.cancel([i for i, r in enumerate(batch) if r.cancelled])
-        out = gen.result()
-        for i, r in enumerate(batch):
-            k = int(out.lengths[i])
-            r.on_done(Result(
-                tokens=out.tokens[i], text=None if out.text is None else out.text[i],
-                logprobs=out.logprobs[i, :k].tolist(), finish_reason=out.finish_reasons[i],
-                prompt_tokens=int(out.prompt_lengths[i]),
-                routing={"input": out.routing.prompt[i].tolist(), "output": out.routing.generated[i].tolist(),
-                         "skipped": out.routing.skipped[i].tolist()},
-                batch_size=n))
+
+    def _advance(self) -> None:
+        """One segment of the running batch: stream the deltas, then hand out the finished requests."""
+        gen, owners = self._gen, self._owners
+        try:
+            deltas = gen.step(self.segment)
+            running = self._running()
+            for i, (r, d) in enumerate(zip(owners, deltas)):
+                if r is not None:
+                    self._peers[i] = max(self._peers[i], running)
+                    if d.tokens or d.text:
+                        r.on_delta(d)
+            gen.cancel([i for i, r in enumerate(owners) if r is not None and r.cancelled])
+            reasons = gen.finish_reasons
+            done = [i for i, r in enumerate(owners) if r is not None and reasons[i] is not None]
+            out = gen.output(done) if done else None
+        except BaseException as e:  # noqa: BLE001 - the engine must survive one bad batch
+            return self._fail([r for r in owners if r is not None], e, reset=True)
+        for k, i in enumerate(done):
+            n = int(out.lengths[k])
+            owners[i].on_done(Result(
+                tokens=out.tokens[k], text=None if out.text is None else out.text[k],
+                logprobs=out.logprobs[k, :n].tolist(), finish_reason=out.finish_reasons[k],
+                prompt_tokens=int(out.prompt_lengths[k]),
+                routing={"input": out.routing.prompt[k].tolist(), "output": out.routing.generated[k].tolist(),
+                         "skipped": out.routing.skipped[k].tolist()},
+                batch_size=self._peers[i]))
+            owners[i] = None
+        if not self._running():
+            self._gen, self._owners = None, []  # free the cache; the next request starts afresh
+
+    def _fail(self, requests: list[Request], error: BaseException, reset: bool = False) -> None:
+        traceback.print_exception(error)
+        for r in requests:
+            r.on_done(error)
+        if reset:
+            self._gen, self._owners = None, []

@@ -11,6 +11,8 @@ The structure is exactly what `m1jax.model.forward(cache=...)` reads and returns
 C = config.num_cycles (the layer stack is scanned over cycles). Lightning states do not grow with the sequence;
 the KV buffers are preallocated for `max_len` tokens. Snapshots (`save_cache` / `load_cache`) keep only the
 used slots, so a snapshot of a long document can be restored into a buffer of any larger size.
+For continuous batching, `shift_cache` moves every row's slots (and the offset) and `place_rows` puts another
+batch's rows in, their tokens ending at the shared offset.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
+from jaxtyping import Array, Bool, Int
 
 from m1jax.config import ModelConfig
 
@@ -129,6 +132,65 @@ def resize_cache(cache: dict, max_len: int) -> dict:
 
     layers = {j: tuple(fit(a, 2) for a in c) if isinstance(c, tuple) else c for j, c in cache["layers"].items()}
     return {**cache, "layers": layers, "key_valid": fit(cache["key_valid"], 1)}
+
+
+# ---- moving rows and slots (continuous batching) ---------------------------------------------------------
+def first_used_slot(cache: dict, rows: Bool[Array, " batch"] | None = None) -> int:
+    """The first KV slot holding a token of any of these rows (default: all); the offset if there is none."""
+    rows = jnp.ones(cache["key_valid"].shape[0], bool) if rows is None else jnp.asarray(rows, bool)
+    return int(_first_used(cache["key_valid"], rows, cache["offset"]))
+
+
+@jax.jit
+def _first_used(key_valid: Bool[Array, "batch slots"], rows: Bool[Array, " batch"], offset: Int[Array, ""]):
+    slots = jnp.arange(key_valid.shape[1])
+    return jnp.min(jnp.where(key_valid & rows[:, None], slots, offset))
+
+
+def _move_slots(x: Array, source: Int[Array, " slots"], inside: Bool[Array, " slots"], axis: int) -> Array:
+    """x with slot t (along `axis`) taken from slot source[t], empty (zero / False) where not `inside`."""
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    moved = jnp.take(x, jnp.clip(source, 0, x.shape[axis] - 1), axis=axis)
+    return jnp.where(inside.reshape(shape), moved, jnp.zeros((), x.dtype))
+
+
+def shift_cache(cache: dict, shift: int, max_len: int | None = None) -> dict:
+    """The cache with every row's KV slots moved `shift` places (negative: towards slot 0) and the write offset
+    with them, in buffers of `max_len` slots (default: as now). Attention reads slots by `key_valid` and keys carry
+    their RoPE positions, so the model sees the same tokens. Slots moved out of the buffer are dropped: shift out
+    only dead ones (finished rows', or those before every live row's first token)."""
+    offset, max_len = int(cache["offset"]), cache_capacity(cache) if max_len is None else max_len
+    if not 0 <= offset + shift <= max_len:
+        raise ValueError(f"shift_cache: the write offset {offset} moved by {shift} leaves a buffer of {max_len} "
+                         "slots")
+    return _shift(cache, jnp.int32(shift), max_len)
+
+
+@functools.partial(jax.jit, static_argnames=("max_len",))
+def _shift(cache: dict, shift: Int[Array, ""], max_len: int) -> dict:
+    source = jnp.arange(max_len) - shift
+    inside = (source >= 0) & (source < cache_capacity(cache))
+    move = lambda x, axis: _move_slots(x, source, inside, axis)
+    layers = {j: tuple(move(a, 2) for a in c) if isinstance(c, tuple) else c for j, c in cache["layers"].items()}
+    return {**cache, "layers": layers, "key_valid": move(cache["key_valid"], 1), "offset": cache["offset"] + shift}
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def place_rows(cache: dict, rows_cache: dict, rows: Int[Array, " n"]) -> dict:
+    """`cache` with row rows[k] replaced by row k of `rows_cache` (a cache of n rows, any number of slots), whose
+    tokens are moved to end at `cache`'s write offset (the shared offset stays); rows[k] >= batch drops row k.
+    Tokens that would land before slot 0 are dropped: make the offset at least as long as the rows' tokens."""
+    source = jnp.arange(cache_capacity(cache)) - cache["offset"] + rows_cache["offset"]
+    inside = (source >= 0) & (source < rows_cache["offset"])
+    move = lambda x, axis: _move_slots(x, source, inside, axis)
+    put = lambda x, y, axis: x.at[(slice(None),) * axis + (rows,)].set(y, mode="drop")
+    layers = {}
+    for j, c in cache["layers"].items():
+        new = rows_cache["layers"][j]
+        layers[j] = tuple(put(a, move(b, 2), 1) for a, b in zip(c, new)) if isinstance(c, tuple) else put(c, new, 1)
+    return {"layers": layers, "key_valid": put(cache["key_valid"], move(rows_cache["key_valid"], 1), 0),
+            "offset": cache["offset"], "next_position": put(cache["next_position"], rows_cache["next_position"], 0)}
 
 
 # ---- snapshots --------------------------------------------------------------------------------------

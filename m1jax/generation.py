@@ -4,7 +4,9 @@ Pure jitted pieces: `prefill_step` (one chunk of prompt tokens into the cache), 
 row), `decode` (the whole sampling loop: sample -> stop/budget/thinking bookkeeping -> one-token forward, until
 every row is done or a step limit). `Generation` drives them from the host: it left-pads the prompts, prefills
 chunk by chunk, and runs `decode` either to the end (one dispatch) or in segments of a few tokens so a caller
-can stream text and apply stop strings between segments. `generate` is the one-call API.
+can stream text and apply stop strings between segments; between segments, `Generation.join` puts the rows of
+another, freshly prefilled batch into finished rows (continuous batching: `splice_rows`, `place_rows`).
+`generate` is the one-call API.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from m1jax.cache import cache_capacity, init_cache, resize_cache
+from m1jax.cache import cache_capacity, first_used_slot, init_cache, place_rows, resize_cache, shift_cache
 from m1jax.model import M1Model, forward
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -32,7 +34,7 @@ class Sampling(NamedTuple):
     temperature: Float[Array, " batch"]  # <= 0: greedy
     top_k: Int[Array, " batch"]  # <= 0: no top-k
     top_p: Float[Array, " batch"]  # >= 1: no nucleus
-    keys: Array  # [batch] PRNG keys, one per row (folded with the step number)
+    keys: Array  # [batch] PRNG keys, one per row (folded with the row's token count)
 
 
 def sampling_mode(temperature, top_k, top_p) -> str:
@@ -43,18 +45,22 @@ def sampling_mode(temperature, top_k, top_p) -> str:
     return "filtered" if np.any((k > 0) & (t > 0)) or np.any((p < 1) & (t > 0)) else "sample"
 
 
-def sample(logits: Float[Array, "batch vocab"], s: Sampling, step, mode: str) -> Int[Array, " batch"]:
+def sample(logits: Float[Array, "batch vocab"], s: Sampling, count: Int[Array, " batch"] | int,
+           mode: str) -> Int[Array, " batch"]:
     """Next tokens: argmax for rows with temperature 0, else a draw from softmax(logits / T) after top-k
-    (the k most likely) then top-p (the smallest set of the top-k distribution whose mass reaches p)."""
+    (the k most likely) then top-p (the smallest set of the top-k distribution whose mass reaches p).
+
+    Row i draws with its key folded with count[i] (its tokens so far), and a row's draw does not depend on the
+    mode (which only has to serve every row) nor on the other rows: the same tokens in any batch.
+    """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if mode == "greedy":
         return greedy
-    keys = jax.vmap(jax.random.fold_in, (0, None))(s.keys, step)
+    keys = jax.vmap(jax.random.fold_in)(s.keys, jnp.broadcast_to(count, s.keys.shape))
     hot = s.temperature > 0
     scaled = logits / jnp.where(hot, s.temperature, 1.0)[:, None]
-    if mode == "sample":
-        drawn = jax.vmap(jax.random.categorical)(keys, scaled)
-    else:
+    drawn = jax.vmap(jax.random.categorical)(keys, scaled)
+    if mode == "filtered":
         order = jnp.argsort(-scaled, axis=-1, stable=True)
         ranked = jnp.take_along_axis(scaled, order, axis=-1)
         rank = jnp.arange(ranked.shape[-1])[None, :]
@@ -64,7 +70,8 @@ def sample(logits: Float[Array, "batch vocab"], s: Sampling, step, mode: str) ->
         mass_before = jnp.cumsum(probs, axis=-1) - probs
         keep = (mass_before < s.top_p[:, None]) | (rank == 0)
         r = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, ranked, -jnp.inf))
-        drawn = jnp.take_along_axis(order, r[:, None], axis=-1)[:, 0]
+        filtered = (s.top_k > 0) | (s.top_p < 1)
+        drawn = jnp.where(filtered, jnp.take_along_axis(order, r[:, None], axis=-1)[:, 0], drawn)
     return jnp.where(hot, drawn.astype(jnp.int32), greedy)
 
 
@@ -137,9 +144,9 @@ class DecodeParams(NamedTuple):
 class DecodeState(NamedTuple):
     cache: dict
     logits: Float[Array, "batch vocab"]  # logits for the next token
-    tokens: Int[Array, "batch steps"]  # generated tokens (pad_id after a row is done)
+    tokens: Int[Array, "batch steps"]  # row i's generated tokens in columns [0, length[i]) (pad_id after)
     logprobs: Float[Array, "batch steps"]  # log p(token) under the model (temperature 1, unfiltered)
-    step: Int[Array, ""]  # tokens sampled so far
+    step: Int[Array, ""]  # loop iterations so far
     done: Bool[Array, " batch"]
     length: Int[Array, " batch"]  # tokens generated per row
     in_think: Bool[Array, " batch"]
@@ -165,7 +172,7 @@ def decode(model: M1Model, state: DecodeState, params: DecodeParams, until: Int[
 
     def body(s: DecodeState) -> DecodeState:
         active = ~s.done
-        tok = sample(jnp.where(vocab_ok, s.logits, -jnp.inf), params.sampling, s.step, mode)
+        tok = sample(jnp.where(vocab_ok, s.logits, -jnp.inf), params.sampling, s.length, mode)
         forced = s.in_think & (params.think_budget >= 0) & (s.think_count >= params.think_budget)
         tok = jnp.where(forced, close_id, tok)
         logp = jnp.take_along_axis(jax.nn.log_softmax(s.logits, axis=-1), tok[:, None], axis=-1)[:, 0]
@@ -178,11 +185,12 @@ def decode(model: M1Model, state: DecodeState, params: DecodeParams, until: Int[
         out = forward(model, tok[:, None], attention_mask=active[:, None], cache=s.cache,
                       expert_threshold=params.expert_threshold, dispatch=dispatch)
         selected, skipped = _row_counts(out.router)
+        at = (jnp.arange(tok.shape[0]), jnp.where(active, s.length, s.tokens.shape[1]))  # done rows: dropped
         return DecodeState(
             cache=out.cache,
             logits=out.logits[:, 0],
-            tokens=s.tokens.at[:, s.step].set(jnp.where(active, tok, params.pad_id)),
-            logprobs=s.logprobs.at[:, s.step].set(jnp.where(active, logp, 0.0)),
+            tokens=s.tokens.at[at].set(tok, mode="drop"),
+            logprobs=s.logprobs.at[at].set(logp, mode="drop"),
             step=s.step + 1,
             done=s.done | (active & (stopped | (length >= params.budget))),
             length=length,
@@ -193,6 +201,25 @@ def decode(model: M1Model, state: DecodeState, params: DecodeParams, until: Int[
         )
 
     return jax.lax.while_loop(cond, body, state)
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def splice_rows(state: DecodeState, params: DecodeParams, new: DecodeState, new_params: DecodeParams,
+                rows: Int[Array, " n"]) -> tuple[DecodeState, DecodeParams]:
+    """Row rows[k] of (state, params) replaced by row k of (new, new_params), a batch of n freshly prefilled rows
+    (its cache placed by `place_rows`); rows[k] >= batch drops row k. The shared fields (stop ids, ...) stay."""
+    put = lambda x, y: x.at[rows].set(y, mode="drop")
+    state = state._replace(
+        cache=place_rows(state.cache, new.cache, rows), logits=put(state.logits, new.logits),
+        tokens=put(state.tokens, params.pad_id), logprobs=put(state.logprobs, 0.0), done=put(state.done, new.done),
+        length=put(state.length, new.length), in_think=put(state.in_think, new.in_think),
+        think_count=put(state.think_count, new.think_count), routing=put(state.routing, new.routing),
+        skipped=put(state.skipped, new.skipped))
+    params = params._replace(
+        sampling=Sampling(*map(put, params.sampling, new_params.sampling)),
+        budget=put(params.budget, new_params.budget), think_budget=put(params.think_budget, new_params.think_budget),
+        expert_threshold=put(params.expert_threshold, new_params.expert_threshold))
+    return state, params
 
 
 # ---- host driver ---------------------------------------------------------------------------------------
@@ -276,7 +303,8 @@ class Generation:
     `seed + i` when `seed` is a scalar, so a row gives the same tokens whatever batch it runs in.
     `min_batch`, `min_prompt_len`, `min_new_tokens` pad the shapes up to buckets, so that servers reuse compiles.
     `mesh`: create the cache sharded like the activations (for a model whose parameters live on that mesh).
-    A `cache` passed in is consumed (its buffers are donated to the computation).
+    A `cache` passed in is consumed (its buffers are donated to the computation). A row samples with its key
+    folded with its own token count, so it gives the same tokens whenever it joins a batch (`join`).
     """
 
     def __init__(self, model: M1Model, prompts, *, attention_mask=None, max_new_tokens=64, temperature=0.0,
@@ -376,7 +404,7 @@ class Generation:
             budget=jnp.asarray(budget), think_budget=jnp.asarray(think), think_ids=jnp.asarray(think_ids, jnp.int32),
             stop_ids=jnp.asarray(self.stop_token_ids or (-1,), jnp.int32), vocab_limit=jnp.int32(vocab_limit),
             expert_threshold=jnp.asarray(threshold), pad_id=jnp.int32(self.pad_id))
-        self.mode = sampling_mode(temperature, top_k, top_p)
+        self._budget, self._sampling = budget, (temperature, top_k, top_p)  # per row, on the host
         self._texts = None if tokenizer is None else [_RowText(tokenizer, stops) for stops in stop_strings]
         self._emitted = np.zeros(rows, np.int64)  # tokens handed out per row
         self._cut = np.full(rows, -1, np.int64)  # generated length after a stop string, -1 if none
@@ -387,13 +415,19 @@ class Generation:
     def done(self) -> bool:
         return bool(self._finished.all())
 
+    @property
+    def finish_reasons(self) -> list[str | None]:
+        """Per row: None while it runs, else "stop", "length" or "cancelled"."""
+        return list(self._reasons)
+
     def step(self, max_tokens: int | None = None) -> list[Delta]:
         """Run the loop for up to `max_tokens` more tokens (default: to the end); the new output of every row."""
         if self.done:
             return [Delta([], "", None) for _ in range(self.rows)]
-        start = int(self.state.step)
-        until = self.steps if max_tokens is None else min(self.steps, start + max_tokens)
-        self.state = decode(self.model, self.state, self.params, jnp.int32(until), self.mode, self.dispatch)
+        until = int(self.state.step) + (self.steps if max_tokens is None else max_tokens)
+        live = np.flatnonzero(~self._finished)
+        mode = sampling_mode(*(a[live] for a in self._sampling))  # the cheapest sampler for the running rows
+        self.state = decode(self.model, self.state, self.params, jnp.int32(until), mode, self.dispatch)
         tokens, lengths, done = jax.device_get((self.state.tokens, self.state.length, self.state.done))
         deltas = []
         for i in range(self.rows):
@@ -437,19 +471,89 @@ class Generation:
         """Run to the end (if not done) and collect the output."""
         while not self.done:
             self.step()
+        return self.output()
+
+    def output(self, rows: Sequence[int] | None = None) -> GenerationOutput:
+        """The output so far of these rows (default: all), final for the finished ones (see `finish_reasons`)."""
+        rows = np.arange(self.rows) if rows is None else np.asarray(rows, np.int64).reshape(-1)
         s = jax.device_get(self.state._replace(cache=None, logits=None))
-        rows, n = self.rows, int(s.step)
-        lengths = np.where(self._cut >= 0, self._cut, s.length[:rows])
-        tokens = s.tokens[:rows, :n].copy()
-        logprobs = s.logprobs[:rows, :n].copy()
+        n = int(s.length[rows].max(initial=0))
+        lengths = np.where(self._cut[rows] >= 0, self._cut[rows], s.length[rows])
+        tokens, logprobs = s.tokens[rows, :n].copy(), s.logprobs[rows, :n].copy()
         for i, k in enumerate(lengths):
             tokens[i, k:], logprobs[i, k:] = self.pad_id, 0.0
         return GenerationOutput(
-            sequences=np.concatenate([self.prompt_tokens[:rows], tokens], axis=1),
-            logprobs=logprobs, lengths=lengths.astype(np.int64), prompt_lengths=self.prompt_lengths,
-            finish_reasons=list(self._reasons),
-            routing=Routing(np.asarray(self.prompt_routing)[:rows], s.routing[:rows], s.skipped[:rows]),
-            text=None if self._texts is None else [t.text for t in self._texts], cache=self.state.cache)
+            sequences=np.concatenate([self.prompt_tokens[rows], tokens], axis=1),
+            logprobs=logprobs, lengths=lengths.astype(np.int64), prompt_lengths=self.prompt_lengths[rows],
+            finish_reasons=[self._reasons[i] for i in rows],
+            routing=Routing(np.asarray(self.prompt_routing)[rows], s.routing[rows], s.skipped[rows]),
+            text=None if self._texts is None else [self._texts[i].text for i in rows], cache=self.state.cache)
+
+    def join(self, other: "Generation", rows: Sequence[int]) -> None:
+        """Continuous batching: row k of `other` (a batch prefilled on its own and not stepped) replaces the
+        finished row rows[k] of this batch from the next step on, and generates what it would generate alone.
+        `other` is consumed (its cache moves into this one).
+
+        Where a newcomer goes (rules in this order): its tokens end at the shared write offset, which first moves
+        right when it is shorter than a newcomer's tokens; if the slots after it cannot hold every running row's
+        remaining budget and every newcomer's budget, the slots before every live row's first token are dropped
+        (the offset moves left); if that is not enough, the buffers grow to the next power of two. The step
+        buffer grows to `other`'s when that is wider. Moves and growth are exact (attention reads slots by
+        `key_valid`; keys carry their positions), and shapes only change when the buffers grow.
+        """
+        rows = [int(i) for i in rows]
+        busy = [i for i in rows if not 0 <= i < self.rows or not self._finished[i]]
+        if busy or len(set(rows)) != len(rows):
+            raise ValueError(f"join: rows {rows} must be distinct finished rows of this batch (of {self.rows}); "
+                             f"not free: {busy}")
+        if len(rows) != other.rows:
+            raise ValueError(f"join: {len(rows)} rows for the {other.rows} rows of the joining batch")
+        if int(other.state.step):
+            raise ValueError("join: the joining batch has already been stepped")
+        shared = lambda g: (id(g.model), g.dispatch, g.stop_token_ids, g.pad_id, g._texts is None,
+                            np.asarray(g.params.think_ids).tolist(), int(g.params.vocab_limit))
+        if shared(self) != shared(other):
+            raise ValueError("join: the joining batch differs in model, dispatch, stop ids, think ids, vocabulary "
+                             "limit, pad id or tokenizer")
+        cache, new_cache = self.state.cache, other.state.cache
+        offset, capacity = int(cache["offset"]), cache_capacity(cache)
+        live = np.zeros(len(self._budget), bool)
+        live[:self.rows] = ~self._finished
+        remaining = (self._budget - np.asarray(self.state.length))[live]
+        real = np.arange(len(other._budget)) < other.rows
+        span = int(new_cache["offset"]) - first_used_slot(new_cache, real)  # slots of the newcomers' tokens
+        need = max(int(remaining.max(initial=0)), int(other._budget[real].max(initial=0)))
+        target = max(offset, span)
+        if target + need > capacity:
+            target = max(offset - first_used_slot(cache, live), span)
+            if target + need > capacity:
+                capacity = 1 << (target + need - 1).bit_length()
+        if (target, capacity) != (offset, cache_capacity(cache)):
+            cache = shift_cache(cache, target - offset, capacity)
+        state = self.state._replace(cache=cache)
+        if other.steps > self.steps:
+            wider = lambda a, value: jnp.pad(a, ((0, 0), (0, other.steps - self.steps)), constant_values=value)
+            state = state._replace(tokens=wider(state.tokens, self.pad_id), logprobs=wider(state.logprobs, 0.0))
+            self.steps = other.steps
+        index = np.full(len(other._budget), len(self._budget), np.int32)  # padding rows of `other`: dropped
+        index[:other.rows] = rows
+        self.state, self.params = splice_rows(state, self.params, other.state, other.params, jnp.asarray(index))
+        self.prompt_routing = self.prompt_routing.at[index].set(other.prompt_routing, mode="drop")
+
+        width = max(self.prompt_tokens.shape[1], other.prompt_tokens.shape[1])
+        left = lambda a, value: np.pad(a, ((0, 0), (width - a.shape[1], 0)), constant_values=value)
+        self.prompt_tokens, self.prompt_mask = left(self.prompt_tokens, self.pad_id), left(self.prompt_mask, False)
+        self.prompt_tokens[rows] = left(other.prompt_tokens[:other.rows], other.pad_id)
+        self.prompt_mask[rows] = left(other.prompt_mask[:other.rows], False)
+        self.prompt_lengths[rows] = other.prompt_lengths
+        self._budget[rows] = other._budget[:other.rows]
+        for mine, theirs in zip(self._sampling, other._sampling):
+            mine[rows] = theirs[:other.rows]
+        self._emitted[rows], self._cut[rows], self._finished[rows] = 0, -1, other._finished
+        for k, i in enumerate(rows):
+            self._reasons[i] = other._reasons[k]
+            if self._texts is not None:
+                self._texts[i] = other._texts[k]
 
 
 def generate(model: M1Model, inputs, *, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, seed=0,

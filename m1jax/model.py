@@ -147,8 +147,9 @@ def forward(
     (k, v) buffers [C, batch, slots, kv_heads, D] (softmax)}, "key_valid": [batch, slots] bool, "offset": int32
     (first free slot), "next_position": [batch] int32}; the returned cache has this call's tokens appended.
     Without it every lightning layer starts from a zero state and attention sees this call's tokens only.
-    `dispatch` (layers/moe.py): "auto" (expert parallel under a multi-device `jax.set_mesh` mesh, else "ragged"),
-    "ragged", "dense", "ep", or an ExpertParallel (layers/moe_ep.py, e.g. with a capacity factor).
+    `dispatch` (layers/moe.py): "auto" (expert parallel under a multi-device `jax.set_mesh` mesh, else "gather"
+    for a few tokens, else "ragged"), "ragged", "gather", "dense", "ep", or an ExpertParallel (layers/moe_ep.py,
+    e.g. with a capacity factor).
     `expert_threshold` (scalar or [batch]) skips selected experts whose routing weight is below it (inference
     only; 0 skips nothing) and adds per-row counts "row_selected"/"row_skipped" [layers, batch, E] to `router`.
     `last_only`: logits of the last position only ([batch, 1, vocab]; prefill needs no more).

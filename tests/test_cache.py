@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m1jax.cache import cache_bytes, cache_capacity, init_cache, load_cache, resize_cache, save_cache
+from m1jax.cache import (cache_bytes, cache_capacity, first_used_slot, init_cache, load_cache, place_rows,
+                         resize_cache, save_cache, shift_cache)
 from m1jax.config import get_preset
 from m1jax.sharding import ShardingError, make_mesh
 
@@ -80,6 +81,45 @@ def test_resize_keeps_the_used_slots():
     np.testing.assert_array_equal(cut["key_valid"], cache["key_valid"][:, :5])
     with pytest.raises(ValueError, match="holds 5 tokens"):
         resize_cache(cache, 4)
+
+
+def test_shift_moves_every_row_and_drops_what_leaves_the_buffer():
+    cache = random_cache(TINY, 2, 8, used=5)  # row 0 holds slots 0..4, row 1 slots 1..4
+    k = np.asarray(cache["layers"][3][0])
+    assert first_used_slot(cache) == 0 and first_used_slot(cache, [False, True]) == 1
+    assert first_used_slot(cache, [False, False]) == 5  # no tokens: the offset
+    right = shift_cache(cache, 3, 12)
+    assert int(right["offset"]) == 8 and cache_capacity(right) == 12
+    np.testing.assert_array_equal(right["layers"][3][0][:, :, 3:8], k[:, :, :5])
+    moved_k = np.asarray(right["layers"][3][0])
+    assert not moved_k[:, :, :3].any() and not moved_k[:, :, 8:].any()
+    np.testing.assert_array_equal(right["key_valid"][:, 3:11], cache["key_valid"])
+    np.testing.assert_array_equal(right["layers"][0], cache["layers"][0])  # lightning states do not move
+    np.testing.assert_array_equal(right["next_position"], cache["next_position"])
+    left = shift_cache(cache, -1)  # row 0's first token leaves the buffer
+    assert int(left["offset"]) == 4 and cache_capacity(left) == 8
+    np.testing.assert_array_equal(left["layers"][3][1][:, 1, :4], np.asarray(cache["layers"][3][1])[:, 1, 1:5])
+    assert left["key_valid"].tolist() == [[True] * 4 + [False] * 4] * 2
+    with pytest.raises(ValueError, match="offset 5 moved by 4 leaves a buffer of 8 slots"):
+        shift_cache(cache, 4)
+
+
+def test_place_rows_puts_the_rows_tokens_before_the_offset():
+    cache = random_cache(TINY, 3, 10, used=6)
+    new = random_cache(TINY, 2, 5, used=4, seed=2)  # its row 0 holds slots 0..3
+    before = jax.tree.map(np.asarray, cache)
+    placed = place_rows(cache, new, jnp.asarray([2, 3]))  # row 3 is past the batch: dropped
+    assert int(placed["offset"]) == 6
+    assert placed["key_valid"][2].tolist() == [False] * 2 + [True] * 4 + [False] * 4
+    np.testing.assert_array_equal(placed["layers"][3][0][:, 2, 2:6], new["layers"][3][0][:, 0, :4])
+    assert not np.asarray(placed["layers"][3][0])[:, 2, :2].any()
+    np.testing.assert_array_equal(placed["layers"][1][:, 2], new["layers"][1][:, 0])
+    assert int(placed["next_position"][2]) == int(new["next_position"][0])
+    for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(before)):  # rows 0 and 1 are untouched
+        a, b = np.asarray(a), b
+        if a.ndim:
+            rows = (slice(None), slice(0, 2)) if a.ndim == 5 else (slice(0, 2),)
+            np.testing.assert_array_equal(a[rows], b[rows])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from m1jax.layers import moe_ep
-from m1jax.layers.moe import experts_dense, route, router_stats
+from m1jax.layers.moe import DISPATCH, choose_dispatch, experts_dense, route, router_stats
 from m1jax.layers.moe_ep import ExpertParallel, resolve_dispatch
 from m1jax.losses import load_balancing_loss, router_z_loss, tokens_per_expert
 from jax.sharding import NamedSharding
@@ -153,8 +153,35 @@ def test_compiled_ep_has_all_to_all_and_split_experts():
     assert f"f32[2,{D},{I}]" in hlo  # the per-device program sees 2 of the 8 experts
 
 
-def test_dispatch_resolution():
+@pytest.mark.parametrize("dispatch", ["ragged", "gather"])
+@pytest.mark.parametrize("tokens", [1, 3, 37])
+def test_single_device_dispatches_match_dense(dispatch, tokens):
+    """Outputs and gradients (x, expert weights, routing weights), with a skipped (zero-weight) selection."""
+    x, weights, experts = routed(tokens, 8, seed=tokens)
+    weights = weights.at[0, 1].set(0.0)
+    w = experts_weights(8, seed=tokens)
+
+    def run(fn):
+        def loss(x, w1, w3, w2, weights):
+            y = fn(x, w1, w3, w2, weights, experts, jax.nn.silu)
+            return jnp.sum(y ** 2), y
+        return jax.value_and_grad(loss, argnums=range(5), has_aux=True)(x, *w, weights)
+
+    (_, y), grads = run(DISPATCH[dispatch])
+    (_, y_ref), grads_ref = run(experts_dense)
+    assert rel_err(y, y_ref) < 1e-5
+    for name, g, g_ref in zip(("x", "w1", "w3", "w2", "weights"), grads, grads_ref):
+        assert rel_err(g, g_ref) < 1e-5, name
+
+
+def test_dispatch_resolution(monkeypatch):
     assert resolve_dispatch("auto") == "ragged"
+    assert choose_dispatch("auto", copies=4, num_experts=8) == "ragged"  # CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert choose_dispatch("auto", copies=4, num_experts=8) == "gather"  # decode: batch 2, top-2 of 8
+    assert choose_dispatch("auto", copies=6, num_experts=8) == "ragged"
+    assert choose_dispatch("ragged", copies=2, num_experts=8) == "ragged"  # an explicit choice stays
+    monkeypatch.undo()
     assert isinstance(resolve_dispatch("ep"), ExpertParallel)
     with jax.set_mesh(make_mesh(expert=8)):
         assert isinstance(resolve_dispatch("auto"), ExpertParallel)

@@ -132,6 +132,29 @@ def test_concurrent_requests_are_batched(setup):
     assert engine.stats["batches"] - before["batches"] < 4 and engine.stats["largest_batch"] >= 2
 
 
+def test_a_later_short_request_joins_the_running_batch_and_finishes_first(setup, monkeypatch):
+    """While a long streaming request runs, a short one sent after its first delta joins the running batch at a
+    segment boundary and finishes first instead of waiting; both outputs equal their solo runs."""
+    client, engine, _, _ = setup
+    long = {"input": "we like", "max_output_tokens": 16, "temperature": 0}
+    short = {"input": "a dog", "max_output_tokens": 3, "temperature": 0}
+    alone = [post(client, "/v1/minimax-m1/generate", b).json()["output_ids"] for b in (long, short)]
+    assert len(alone[0]) == 16  # four segments
+    step = Generation.step
+    monkeypatch.setattr(Generation, "step", lambda self, *a: (time.sleep(0.25), step(self, *a))[1])  # slow segments
+    joined = engine.stats["joined"]
+    with ThreadPoolExecutor(1) as pool:
+        with client.stream("POST", "/v1/minimax-m1/generate", content=json.dumps({**long, "stream": True})) as r:
+            lines = (json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {"))
+            first = next(lines)
+            later = pool.submit(lambda: (post(client, "/v1/minimax-m1/generate", short).json(), time.monotonic()))
+            *_, last = lines
+            long_end = time.monotonic()
+        short_out, short_end = later.result()
+    assert short_end < long_end and engine.stats["joined"] == joined + 1
+    assert first["delta_ids"] and last["output_ids"] == alone[0] and short_out["output_ids"] == alone[1]
+
+
 BAD = [
     ("/v1/minimax-m1/generate", '{"input": "the', 400, "malformed JSON"),
     ("/v1/minimax-m1/generate", "[1, 2]", 400, "must be an object"),

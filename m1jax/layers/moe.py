@@ -1,9 +1,11 @@
 """Top-k mixture of SwiGLU experts (architecture.md §7).
 
 Routing: fp32 softmax over all experts, then top-k, then the top-k weights renormalised (kept fp32, as the
-transformers port). Two single-device dispatches compute the same function: `dense` runs every expert on every
-token (the reference), `ragged` sorts token copies by expert and uses grouped matmuls; `ep` (layers/moe_ep.py)
-runs them expert-parallel on the context mesh, and `auto` picks `ep` under a multi-device mesh, else `ragged`.
+transformers port). Three single-device dispatches compute the same function: `dense` runs every expert on every
+token (the reference), `ragged` sorts token copies by expert and uses grouped matmuls, `gather` multiplies each
+token copy by its own expert's weights (no sort or tile schedule: the fewest launches, for a few tokens at decode);
+`ep` (layers/moe_ep.py) runs them expert-parallel on the context mesh. `auto` picks `ep` under a multi-device
+mesh, else on a GPU `gather` when the token copies are at most half the experts (decode), else `ragged`.
 """
 
 import jax
@@ -15,6 +17,7 @@ from m1jax.config import ModelConfig
 from m1jax.layers.common import ACTIVATIONS, dense_param
 from m1jax.layers.moe_ep import resolve_dispatch
 from pallas_kernels import grouped_matmul
+from pallas_kernels.expert_matmul import expert_matmul
 
 
 def route(x: Float[Array, "tokens d"], router: Float[Array, "d experts"], top_k: int,
@@ -76,7 +79,25 @@ def experts_ragged(x, w1, w3, w2, weights, experts, act, grouped_matmul=grouped_
     return jax.ops.segment_sum(y, token_of, num_segments=t).astype(x.dtype)
 
 
-DISPATCH = {"dense": experts_dense, "ragged": experts_ragged}
+def experts_gather(x, w1, w3, w2, weights, experts, act):
+    """Per-copy dispatch: each token times its own top-k experts' weights, weighted sum of the k outputs."""
+    t, k = experts.shape
+    h = act(expert_matmul(x, w1, experts)) * expert_matmul(x, w3, experts)  # [t, k, i]
+    y = expert_matmul(h.reshape(t * k, -1), w2, experts.reshape(t * k, 1), out_dtype=jnp.float32)
+    return jnp.einsum("tkd,tk->td", y.reshape(t, k, -1), weights).astype(x.dtype)
+
+
+DISPATCH = {"dense": experts_dense, "ragged": experts_ragged, "gather": experts_gather}
+
+
+def choose_dispatch(dispatch, copies: int, num_experts: int):
+    """resolve_dispatch, with `auto` on one GPU taking `gather` for at most num_experts / 2 token copies: then
+    each selected expert is read about once either way, and gather launches a third as many kernels (on CPU the
+    gather's reference copies the weights, and ragged stays faster)."""
+    resolved = resolve_dispatch(dispatch)
+    if dispatch == "auto" and resolved == "ragged" and 2 * copies <= num_experts and jax.default_backend() == "gpu":
+        return "gather"
+    return resolved
 
 
 class MoE(nnx.Module):
@@ -99,7 +120,7 @@ class MoE(nnx.Module):
             jnp.reshape(jnp.asarray(expert_threshold, jnp.float32), (-1, 1)), (b, n)).reshape(-1)
         logits, probs, weights, experts = route(x, self.router[...], cfg.num_experts_per_tok, threshold)
         args = (x, self.w1[...], self.w3[...], self.w2[...], weights, experts, ACTIVATIONS[cfg.hidden_act])
-        dispatch = resolve_dispatch(dispatch)
+        dispatch = choose_dispatch(dispatch, b * n * cfg.num_experts_per_tok, cfg.num_experts)
         if isinstance(dispatch, str):
             y, dropped = DISPATCH[dispatch](*args), jnp.zeros((), jnp.float32)
         else:  # expert parallel on the context mesh (m1jax.layers.moe_ep)

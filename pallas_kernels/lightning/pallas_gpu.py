@@ -9,10 +9,16 @@ forward   1. ``_local_kernel``  (parallel over batch, heads, blocks, v-tiles): e
              entering every block (fp32) and the final state.
           3. ``_output_kernel`` (parallel over batch, heads, blocks, v-tiles): walks the block's chunks from its entry
              state: ``o = ((Q K^T) * D) V + a * (Q S)``, ``S <- gamma S + (b * K)^T V``.
+fused     (``Tuning.fused_forward``) the forward as one single-pass kernel, ``_fused_forward_kernel``: each program
+forward   computes its block's local state, waits for the predecessor block's published state (a chained scan with
+          look-back, ordered by atomic tickets), publishes its own, then computes the block's output; k and v are
+          read from HBM once if their second read (a moment after the first) hits L2, so the forward moves q, k,
+          v and o once (4x the size of q instead of 6x); the running state lives in one fp32 slot per (batch,
+          head, v-tile), which ends as the final state.
 backward  the same two passes recompute the entry states (nothing but q, k, v is saved), the mirrored pair gives the
           state gradient at every block end (``G_{b-1} = g_b G_b + sum_i lam^(i+1) q_i^T do_i``, ending in d
           initial_state), then ``_dqk_kernel`` (forward sweep for dq, reverse sweep for dk) and ``_dv_kernel``
-          (reverse sweep) run in parallel over blocks.
+          (reverse sweep) run in parallel over blocks. The fused forward shares the backward unchanged.
 
 All dots take operands in the input dtype with fp32 accumulation; states and decays are fp32. Shapes the Triton
 compiler cannot take (non-power-of-two tiles, dims below 16) are refused in ``check_shapes`` with a ValueError,
@@ -26,6 +32,7 @@ accumulator, ``plgpu.wgmma`` for the chunk products, producer/consumer warpgroup
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +56,8 @@ class Tuning:
     num_warps: int = 8          # of the chunk kernels (the state scan uses 4)
     num_stages: int = 2         # Triton's pipelining of the chunk loads: at 2 the next chunk's loads are issued
                                 # after this chunk's work (no overlap), at 3 one chunk ahead (more shared memory)
+    fused_forward: bool = False  # forward as one single-pass kernel (chained scan) instead of three; its v tile is
+                                 # block_v (local_block_v then only serves the backward)
 
 
 # benchmarks/lightning_attention.py sweeps tunings on the GPU and prints the line to put here.
@@ -70,6 +79,7 @@ class Config:
     scan_unroll: int        # blocks per step of the state scan (their loads are issued together)
     num_warps: int          # of the chunk kernels (the scan uses 4)
     num_stages: int         # of the chunk kernels
+    fused_forward: bool     # forward as ``_fused_forward_kernel``
     segmented: bool
     interpret: bool
 
@@ -100,9 +110,11 @@ def check_shapes(dk: int, dv: int, chunk: int) -> None:
 def check_tuning(tuning: Tuning) -> None:
     tiles = (tuning.block_k, tuning.block_v, tuning.local_block_v)
     if not (all(_is_pow2(n) and n >= 16 for n in tiles) and tuning.chunks_per_block >= 1
-            and tuning.num_warps in (1, 2, 4, 8, 16) and tuning.num_stages >= 1):
+            and tuning.num_warps in (1, 2, 4, 8, 16) and tuning.num_stages >= 1
+            and isinstance(tuning.fused_forward, bool)):
         raise ValueError(f"lightning_attention(impl='pallas_gpu'): bad tuning {tuning}: tiles must be powers of two "
-                         f">= 16, chunks_per_block and num_stages >= 1, num_warps a power of two <= 16")
+                         f">= 16, chunks_per_block and num_stages >= 1, num_warps a power of two <= 16, "
+                         f"fused_forward a bool")
 
 
 def make_config(seq: int, dk: int, dv: int, chunk: int, segmented: bool, interpret: bool,
@@ -115,17 +127,43 @@ def make_config(seq: int, dk: int, dv: int, chunk: int, segmented: bool, interpr
                   block_k=min(dk, tuning.block_k), block_v=min(dv, tuning.block_v),
                   local_block_v=min(dv, tuning.local_block_v), scan_rows=16, scan_unroll=4,
                   num_warps=tuning.num_warps,
-                  num_stages=tuning.num_stages, segmented=segmented, interpret=interpret)
+                  num_stages=tuning.num_stages, fused_forward=tuning.fused_forward, segmented=segmented,
+                  interpret=interpret)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Kernels. Grid (tile, batch, heads, blocks) unless stated; refs are one block of one (batch, head). The Triton
 # lowering makes the first axes the fastest-varying launch index, so the tiles of one block run side by side and
-# share their q/k (or v/do) loads in L2.
+# share their q/k (or v/do) loads in L2. The block functions (``_local_state``, ``_output_block``) are shared by
+# the three-kernel forward and the fused one.
 
 
 def _chunk(r, cfg: Config):
     return pl.ds(pl.multiple_of(r * cfg.chunk, cfg.chunk), cfg.chunk)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+    """One block of a whole-array ref, indexed like the block refs of the three-kernel design: ``rows[sl]`` is
+    ``ref[*lead, start + sl, *trail]`` (read or write) for a chunk slice ``sl`` relative to the block start.
+    The block functions below take either (the fused kernel indexes whole arrays by its ticket)."""
+    ref: Any
+    lead: tuple
+    start: Any
+    trail: tuple
+
+    @property
+    def dtype(self):
+        return self.ref.dtype
+
+    def _index(self, sl):
+        return (*self.lead, pl.ds(self.start + sl.start, sl.size), *self.trail)
+
+    def __getitem__(self, sl):
+        return self.ref[self._index(sl)]
+
+    def __setitem__(self, sl, value):
+        self.ref[self._index(sl)] = value
 
 
 def _segments(seg_refs, sl):
@@ -141,29 +179,50 @@ def _split(rest, cfg: Config):
     return (tuple(rest[:2]), rest[2:]) if cfg.segmented else (None, rest)
 
 
-def _local_kernel(s_ref, x_ref, y_ref, *rest, cfg: Config, backward: bool):
-    """Block-local state contribution ``sum_i w_i x_i^T y_i``.
+def _local_state(s, x, y, segs, start, shape, cfg: Config, backward: bool):
+    """Block-local state contribution ``sum_i w_i x_i^T y_i`` (fp32, ``shape``) of the block starting at token
+    ``start``; x, y and the segment ids ``segs`` are block refs or ``_Rows``.
 
     forward  (x=k, y=v):  w_i = lam^(end-1-i) on rows of the block's last segment (the state leaving the block);
     backward (x=q, y=do): w_i = lam^(i+1) on rows of the segment open at the block start (gradient entering it).
     """
-    seg_refs, (out_ref,) = _split(rest, cfg)
-    s = s_ref[0]
-    start = pl.program_id(3) * cfg.block
     end = jnp.minimum(cfg.seq, start + cfg.block)
-    if seg_refs is not None:
-        seg_open = jnp.min(seg_refs[1][pl.ds(0, cfg.chunk)][:, None], axis=0, keepdims=True)
-        seg_last = jnp.max(seg_refs[0][pl.ds(cfg.block - cfg.chunk, cfg.chunk)][:, None], axis=0, keepdims=True)
+    if segs is not None:
+        seg_open = jnp.min(segs[1][pl.ds(0, cfg.chunk)][:, None], axis=0, keepdims=True)
+        seg_last = jnp.max(segs[0][pl.ds(cfg.block - cfg.chunk, cfg.chunk)][:, None], axis=0, keepdims=True)
 
     def body(r, acc):
         sl = _chunk(r, cfg)
         t = start + r * cfg.chunk + chunk.rows(cfg.chunk)
         w = chunk.decay_pow(s, t - start + 1 if backward else end - 1 - t)
-        if seg_refs is not None:
-            w = jnp.where(seg_refs[0][sl][:, None] == (seg_open if backward else seg_last), w, 0.0)
-        return acc + chunk.t_mm(x_ref[sl, :], chunk.scale_rows(y_ref[sl, :], w))
+        if segs is not None:
+            w = jnp.where(segs[0][sl][:, None] == (seg_open if backward else seg_last), w, 0.0)
+        return acc + chunk.t_mm(x[sl], chunk.scale_rows(y[sl], w))
 
-    out_ref[...] = jax.lax.fori_loop(0, cfg.chunks_per_block, body, jnp.zeros(out_ref.shape, F32))
+    return jax.lax.fori_loop(0, cfg.chunks_per_block, body, jnp.zeros(shape, F32))
+
+
+def _output_block(s, q, k, v, o, segs, start, state, cfg: Config):
+    """Forward output of the block starting at token ``start`` (one v-tile), walking its chunks from ``state``
+    (fp32 [dk, BV], the state entering the block); q, k, v, o and ``segs`` are block refs or ``_Rows``."""
+    intra = chunk.intra_decay(s, cfg.chunk)
+
+    def body(r, state):  # state: [dk, BV], entering chunk r
+        sl = _chunk(r, cfg)
+        f = chunk.chunk_factors(s, start + r * cfg.chunk, cfg.seq, intra, _segments(segs, sl))
+        qc, kc, vc = q[sl], k[sl], v[sl]
+        scores = chunk.mm_t(qc, kc) * f.intra
+        out = chunk.mm(scores.astype(vc.dtype), vc) + f.a * chunk.mm(qc, state.astype(qc.dtype))
+        o[sl] = out.astype(o.dtype)
+        return f.gamma * state + chunk.t_mm(kc, chunk.scale_rows(vc, f.b))
+
+    jax.lax.fori_loop(0, cfg.chunks_per_block, body, state)
+
+
+def _local_kernel(s_ref, x_ref, y_ref, *rest, cfg: Config, backward: bool):
+    seg_refs, (out_ref,) = _split(rest, cfg)
+    out_ref[...] = _local_state(s_ref[0], x_ref, y_ref, seg_refs, pl.program_id(3) * cfg.block, out_ref.shape, cfg,
+                                backward)
 
 
 def _scan_kernel(g_ref, y_ref, init_ref, states_ref, last_ref, *, n_blocks: int, unroll: int, reverse: bool):
@@ -184,22 +243,66 @@ def _scan_kernel(g_ref, y_ref, init_ref, states_ref, last_ref, *, n_blocks: int,
 
 
 def _output_kernel(s_ref, q_ref, k_ref, v_ref, *rest, cfg: Config):
-    """Forward output of one block (one v-tile) from the state entering it."""
     seg_refs, (s_in_ref, o_ref) = _split(rest, cfg)
-    s = s_ref[0]
-    start = pl.program_id(3) * cfg.block
-    intra = chunk.intra_decay(s, cfg.chunk)
+    _output_block(s_ref[0], q_ref, k_ref, v_ref, o_ref, seg_refs, pl.program_id(3) * cfg.block, s_in_ref[...], cfg)
 
-    def body(r, state):  # state: [dk, BV], entering chunk r
-        sl = _chunk(r, cfg)
-        f = chunk.chunk_factors(s, start + r * cfg.chunk, cfg.seq, intra, _segments(seg_refs, sl))
-        q, k, v = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]
-        scores = chunk.mm_t(q, k) * f.intra
-        out = chunk.mm(scores.astype(v.dtype), v) + f.a * chunk.mm(q, state.astype(q.dtype))
-        o_ref[sl, :] = out.astype(o_ref.dtype)
-        return f.gamma * state + chunk.t_mm(k, chunk.scale_rows(v, f.b))
 
-    jax.lax.fori_loop(0, cfg.chunks_per_block, body, s_in_ref[...])
+def _barrier(cfg: Config):
+    """``bar.sync``: every thread of the program gets here, and their memory accesses before it are ordered before
+    any after it (CTA scope). Interpret mode runs one program at a time and has no rule for it."""
+    if not cfg.interpret:
+        plt.debug_barrier()
+
+
+# Spins after which a waiting program goes on with whatever state is there: a bug or a broken memory-ordering
+# assumption then shows as wrong outputs (the tests and the benchmark's error columns) instead of a hung GPU.
+# Real waits are microseconds; this is seconds.
+_SPIN_LIMIT = 1 << 24
+
+
+def _fused_forward_kernel(s_ref, g_ref, q_ref, k_ref, v_ref, *rest, cfg: Config, batch: int, heads: int,
+                          tiles: int):
+    """The whole forward in one pass over q, k, v (a chained scan with look-back to the predecessor only, as the
+    single-pass prefix scans of CUB); 1-D grid, one program per (block, batch, head, v-tile); refs are whole arrays.
+
+    1. Take a ticket from an atomic counter and derive (block, batch, head, tile) from it, block-major. The
+       predecessor block of a ticket holds a smaller ticket, so it has started and (by induction) will publish:
+       the spin below cannot deadlock, whatever order or residency the hardware gives the programs.
+    2. The block's local state ``L`` from k, v (as ``_local_kernel``).
+    3. Spin with atomic reads (acq_rel, GPU scope; one thread, broadcast; bounded by ``_SPIN_LIMIT``) until the
+       chain's count of published blocks reaches this block, then read the chain's state slot ``S_in`` (the
+       initial state for block 0) with volatile loads (not from L1).
+    4. Publish ``S_out = g_b S_in + L`` into the same slot (one per (batch, head, tile): the hand-offs of a chain are
+       serialised, and each store depends on the load of its element), ``bar.sync``, then one thread's atomic
+       (release) counts the block as published: the pattern of CUTLASS's split-K semaphore. After the last block
+       the slot holds the final state.
+    5. The block's output from ``S_in`` (as ``_output_kernel``); its k, v tiles were read in step 2 moments before,
+       so with small enough blocks they come from L2.
+    """
+    seg_refs, (*_, o_ref, state_ref, ticket_ref, published_ref) = _split(rest, cfg)  # after the aliased inputs
+    per_block = batch * heads * tiles
+    ticket = plt.atomic_add(ticket_ref, jnp.int32(0), jnp.int32(1))
+    n, bhj = ticket // per_block, ticket % per_block
+    b, h, j = bhj // (heads * tiles), bhj // tiles % heads, bhj % tiles
+    s = s_ref[h]
+    start = n * cfg.block
+    cols = pl.ds(pl.multiple_of(j * cfg.block_v, cfg.block_v), cfg.block_v)
+    rows = lambda ref, *trail: _Rows(ref, (b,), start, trail)
+    q, k, v, o = rows(q_ref, h, slice(None)), rows(k_ref, h, slice(None)), rows(v_ref, h, cols), rows(o_ref, h, cols)
+    segs = None if seg_refs is None else tuple(rows(r) for r in seg_refs)
+    local = _local_state(s, k, v, segs, start, (q_ref.shape[-1], cfg.block_v), cfg, backward=False)
+
+    def spin(carry):  # adding ``count * 0`` is an atomic read (a literal 0 would be a loop constant)
+        count, tries = carry
+        return plt.atomic_add(published_ref, (b, h, j), count * 0), tries + 1
+
+    jax.lax.while_loop(lambda c: (c[0] < n) & (c[1] < _SPIN_LIMIT), spin, (0, 0))
+    _barrier(cfg)
+    s_in = plt.load(state_ref.at[b, h, :, cols], volatile=True)
+    state_ref[b, h, :, cols] = g_ref[b, h, n] * s_in + local
+    _barrier(cfg)
+    plt.atomic_add(published_ref, (b, h, j), jnp.int32(1))
+    _output_block(s, q, k, v, o, segs, start, s_in, cfg)
 
 
 def _dqk_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, *rest, cfg: Config):
@@ -346,6 +449,34 @@ def _output(q, k, v, slopes, segs, s_in, cfg: Config):
     )(slopes, q, k, v, *segs, s_in)
 
 
+def _fused_forward(q, k, v, slopes, h0, segs, cfg: Config):
+    """Output and final state from ``_fused_forward_kernel``: the state slots start as (a copy of) the initial state,
+    the ticket and published counts at zero (inputs aliased to outputs)."""
+    batch, tp, heads, _ = q.shape
+    nb, tiles = tp // cfg.block, v.shape[-1] // cfg.block_v
+    ticket, published = jnp.zeros((1,), jnp.int32), jnp.zeros((batch, heads, tiles), jnp.int32)
+    n_in = 5 + len(segs)
+    out, final, _, _ = pl.pallas_call(
+        functools.partial(_fused_forward_kernel, cfg=cfg, batch=batch, heads=heads, tiles=tiles),
+        grid=(nb * batch * heads * tiles,),
+        out_shape=[jax.ShapeDtypeStruct(v.shape, q.dtype), jax.ShapeDtypeStruct(h0.shape, F32),
+                   jax.ShapeDtypeStruct(ticket.shape, ticket.dtype),
+                   jax.ShapeDtypeStruct(published.shape, published.dtype)],
+        input_output_aliases={n_in: 1, n_in + 1: 2, n_in + 2: 3},
+        compiler_params=_params(cfg.num_warps, cfg.num_stages),
+        interpret=cfg.interpret,
+        name="lightning_fused_forward",
+    )(slopes, _block_decay(slopes, segs, cfg, batch, nb), q, k, v, *segs, h0, ticket, published)
+    return out, final
+
+
+def _forward(cfg: Config, q, k, v, slopes, h0, segs):
+    if cfg.fused_forward:
+        return _fused_forward(q, k, v, slopes, h0, segs, cfg)
+    s_in, final = _entry_states(k, v, slopes, h0, segs, cfg)
+    return _output(q, k, v, slopes, segs, s_in, cfg), final
+
+
 def _gradients(q, k, v, do, slopes, segs, s_in, g_out, cfg: Config):
     batch, tp, heads, dk = q.shape
     dv = v.shape[-1]
@@ -383,8 +514,7 @@ def _gradients(q, k, v, do, slopes, segs, s_in, g_out, cfg: Config):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _lightning(cfg: Config, q, k, v, slopes, h0, segs):
-    s_in, final = _entry_states(k, v, slopes, h0, segs, cfg)
-    return _output(q, k, v, slopes, segs, s_in, cfg), final
+    return _forward(cfg, q, k, v, slopes, h0, segs)
 
 
 def _lightning_fwd(cfg, q, k, v, slopes, h0, segs):

@@ -6,6 +6,7 @@ and the real M1 slopes of layers 0, 40 and 78, with and without initial state, p
 without taking the full cross product.
 """
 
+import dataclasses
 import importlib.util
 import re
 import subprocess
@@ -80,9 +81,11 @@ def test_api_rejects_bad_input(bad):
         lightning_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("slopes"), **args)
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_gpu_kernels_lower_to_triton_for_hopper(packed):
+@pytest.mark.parametrize("packed,fused", [(False, False), (True, False), (True, True)])
+def test_gpu_kernels_lower_to_triton_for_hopper(monkeypatch, packed, fused):
     """Lower forward and backward for CUDA (sm_90) on this CPU: catches shapes and ops Triton does not take."""
+    monkeypatch.setattr(pallas_gpu, "DEFAULT_TUNING", dataclasses.replace(pallas_gpu.DEFAULT_TUNING,
+                                                                          fused_forward=fused))
     shape = jax.ShapeDtypeStruct((1, 1100, 2, 128), jnp.bfloat16)
     seg = jax.ShapeDtypeStruct((1, 1100), jnp.int32)
 
@@ -94,7 +97,8 @@ def test_gpu_kernels_lower_to_triton_for_hopper(packed):
     fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
     text = fwd_bwd.trace(shape, shape, shape, jax.ShapeDtypeStruct((2,), jnp.float32), seg).lower(
         lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 9  # forward 3 (local, scan, output), backward 6
+    # forward 3 (local, scan, output) or 1 (fused), backward 6
+    assert text.count("__gpu$xla.gpu.triton") == (7 if fused else 9)
 
 
 def test_tpu_kernels_lower_to_mosaic():
@@ -122,20 +126,36 @@ def test_auto_on_gpu_picks_triton_and_drops_chunk_sizes_it_cannot_take(monkeypat
 
 
 # Non-default GPU tunings (benchmarks/lightning_attention.py sweeps them): different tiles per kernel, chunk 128,
-# many blocks (the state scan's unrolled steps: 32 blocks -> 4 per step), padding. Interpret mode ignores warps
-# and stages, which only change the compiled code (checked by the slow test below).
-TUNING_CASES = [  # (seq, heads, dim, chunk, tuning, packed)
-    (1000, 2, 64, 16, Tuning(chunks_per_block=2, block_v=16, local_block_v=32, block_k=32), False),
-    (1000, 2, 64, 16, Tuning(chunks_per_block=2, block_v=32, local_block_v=16, block_k=16, num_stages=3), True),
-    (1100, 1, 128, 128, Tuning(chunks_per_block=4, block_v=32, local_block_v=128, num_warps=4), True),
+# many blocks (the state scan's unrolled steps: 32 blocks -> 4 per step), padding; and the fused forward (ticket
+# order, look-back across 32 and 16 blocks, several batches, heads and v tiles, packed segments, the initial state;
+# its gradients come from the three-kernel backward). Interpret mode ignores warps and stages, which only change the
+# compiled code (checked by the slow test below), and runs the fused kernel's programs one at a time in ticket
+# order, so it checks the indexing and the math of the look-back, not its memory ordering (a GPU question).
+TUNING_CASES = [  # (seq, batch, heads, dim, chunk, tuning, packed)
+    (1000, 1, 2, 64, 16, Tuning(chunks_per_block=2, block_v=16, local_block_v=32, block_k=32), False),
+    (1000, 1, 2, 64, 16, Tuning(chunks_per_block=2, block_v=32, local_block_v=16, block_k=16, num_stages=3), True),
+    (1100, 1, 1, 128, 128, Tuning(chunks_per_block=4, block_v=32, local_block_v=128, num_warps=4), True),
+    (1000, 2, 3, 64, 16, Tuning(chunks_per_block=2, block_v=32, fused_forward=True), False),
+    (1000, 2, 3, 64, 16, Tuning(chunks_per_block=4, block_v=16, num_warps=4, fused_forward=True), True),
+    (1100, 1, 1, 128, 128, Tuning(chunks_per_block=2, block_v=128, fused_forward=True), True),
 ]
 
 
-@pytest.mark.parametrize("seq,heads,dim,chunk,tuning,packed", TUNING_CASES)
-def test_gpu_tunings_match_oracle(monkeypatch, seq, heads, dim, chunk, tuning, packed):
+@pytest.mark.parametrize("seq,batch,heads,dim,chunk,tuning,packed", TUNING_CASES)
+def test_gpu_tunings_match_oracle(monkeypatch, seq, batch, heads, dim, chunk, tuning, packed):
     monkeypatch.setattr(pallas_gpu, "DEFAULT_TUNING", tuning)
-    x = make_inputs(seq + dim, 1, seq, heads, dim, jnp.float32, packed=packed)
+    x = make_inputs(seq + dim, batch, seq, heads, dim, jnp.float32, packed=packed)
     check_against_oracle("pallas_gpu", x, tol=1e-5, grad_tol=1e-4, chunk_size=chunk)
+
+
+def test_gpu_fused_forward_is_one_kernel():
+    """The fused tuning really swaps the forward's three pallas_calls for the single-pass one."""
+    x = jnp.ones((1, 100, 2, 16))
+    calls = lambda tuning: re.findall(r"name=(lightning_\w+)", str(jax.make_jaxpr(
+        lambda x: pallas_gpu.lightning_attention_pallas_gpu(x, x, x, jnp.ones(2), None, None, chunk_size=16,
+                                                            interpret=True, tuning=tuning))(x)))
+    assert calls(Tuning(fused_forward=True)) == ["lightning_fused_forward"]
+    assert calls(Tuning()) == ["lightning_local_states", "lightning_state_scan", "lightning_output"]
 
 
 def test_gpu_refuses_bad_tuning():
