@@ -8,7 +8,7 @@ Prints a markdown table. Every row is guarded (a failure prints its traceback an
 valuable first, and rows left after --budget-s are skipped.
 
     python benchmarks/generate.py                       # GPU: m1-1.5b; CPU: m1-tiny
-    python benchmarks/generate.py --preset m1-small --budget-s 60 --dispatch gather dense
+    python benchmarks/generate.py --preset m1-small --budget-s 60 --dispatch ragged dense
 """
 
 import os
@@ -149,9 +149,9 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=defaults["new_tokens"])
     parser.add_argument("--hf-new-tokens", type=int, default=defaults["hf_new_tokens"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--dispatch", nargs="+", default=["gather", "ragged"],
-                        help="MoE dispatches to measure at decode (m1jax.layers.moe.DISPATCH), one m1jax row each; "
-                             "prefill rows use 'auto'")
+    parser.add_argument("--dispatch", nargs="+", default=["auto", "ragged"],
+                        help="MoE dispatches for the decode rows (auto, or m1jax.layers.moe.DISPATCH; the prompt of a "
+                             "decode row is prefilled with the same one), one m1jax row each; prefill rows use auto")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--torch-threads", type=int, default=1 if platform == "cpu" else None,
                         help="torch CPU threads (default on CPU: 1; more threads collapse on a loaded machine)")

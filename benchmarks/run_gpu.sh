@@ -23,7 +23,7 @@ part() {  # part NAME SECONDS COMMAND...
 # Parts to run: the arguments, or all of them.
 for p in ${@:-lightning grouped_matmul moe decode_parts generate train}; do
   case $p in
-    lightning) part lightning "${T_LIGHTNING:-170}" python3 benchmarks/lightning_attention.py ;;
+    lightning) part lightning "${T_LIGHTNING:-290}" python3 benchmarks/lightning_attention.py ;;
     grouped_matmul) part grouped_matmul "${T_GMM:-70}" python3 benchmarks/grouped_matmul.py ;;
     moe) part moe "${T_MOE:-70}" python3 benchmarks/moe.py ;;
     decode_parts) part decode_parts "${T_DECODE_PARTS:-60}" python3 benchmarks/decode_parts.py ;;
