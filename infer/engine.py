@@ -1,13 +1,16 @@
-"""Continuous batching: a background thread keeps one running `Generation` of `max_batch` rows (bucketed) and
-advances it in segments of `segment` tokens; after each segment every request gets its new tokens and text
-through its `on_delta` callback, and finished requests get their `Result` through `on_done` (both called on the
-engine thread).
+"""Continuous batching: a background thread keeps one running `Generation` and advances it in segments of
+`segment` tokens; after each segment every request gets its new tokens and text through its `on_delta` callback,
+and finished requests get their `Result` through `on_done` (both called on the engine thread).
 
-Requests join the running batch at the next segment boundary, taking the rows of finished ones: the newcomers
-are prefilled on their own (one batch of them, bucketed shapes) and spliced in with `Generation.join`, which
-says where their cache goes and when it grows. A row produces the same tokens whenever it joins. When nothing
-runs, the first request starts a new batch with those that arrive within `batch_window_ms`; requests that find
-no free row wait (first come, first served).
+When nothing runs, the first request starts a new batch with those that arrive within `batch_window_ms`, of
+`bucket(n, min_batch_bucket)` rows for n requests (a lone request decodes one row). Requests that arrive while it
+runs join at the next segment boundary, taking the rows of finished ones: the newcomers are prefilled on their own
+(one batch of them, bucketed shapes) and spliced in with `Generation.join`, which says where their cache goes and
+when it grows. When they need more rows than are free, the batch first grows (`Generation.add_rows`) to the next
+power of two that holds every running request and newcomer, at most `bucket(max_batch, min_batch_bucket)` rows;
+the batch shrinks only by ending (its cache is freed when its last request finishes). A row produces the same
+tokens whenever it joins and whatever the batch size. At most `max_batch` requests run at once; the others wait
+(first come, first served).
 """
 
 from __future__ import annotations
@@ -67,9 +70,9 @@ class Engine:
         self.segment, self.prefill_chunk = segment, prefill_chunk
         self.min_batch_bucket = min_batch_bucket
         self.min_prompt_bucket, self.min_steps_bucket = min_prompt_bucket, min_steps_bucket
-        self.rows = bucket(max_batch, min_batch_bucket)  # rows of the running batch
-        # batches: started from idle; joined: requests that joined a running batch
-        self.stats = {"batches": 0, "requests": 0, "joined": 0, "largest_batch": 0}
+        self.rows = bucket(max_batch, min_batch_bucket)  # the most rows of the running batch
+        # batches: started from idle; joined: requests that joined a running batch; grown: row-count growths
+        self.stats = {"batches": 0, "requests": 0, "joined": 0, "grown": 0, "largest_batch": 0}
         ids = None if tokenizer is None else (tokenizer.token_to_id(THINK_OPEN), tokenizer.token_to_id(THINK_CLOSE))
         self._think_ids = None if ids is None or None in ids else ids
         self._queue: queue.Queue[Request | None] = queue.Queue()
@@ -135,19 +138,30 @@ class Engine:
             self._waiting.append(r)
 
     def _admit(self) -> None:
-        """Start a batch with waiting requests when none runs, else let them join into free rows."""
+        """Start a batch with waiting requests when none runs, else let them join into free rows, first growing
+        the batch to the next power of two that fits when too few rows are free."""
         self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
-        joining = self._running() > 0
-        free = [i for i, r in enumerate(self._owners) if r is None]
-        n = min(len(self._waiting), self.max_batch - self._running(), len(free) if joining else self.max_batch)
+        running = self._running()
+        n = min(len(self._waiting), self.max_batch - running)
         if n <= 0:
             return
         batch = [self._waiting.popleft() for _ in range(n)]
         try:
-            gen = self._generation(batch, rows=None if joining else self.rows)
+            gen = self._generation(batch, rows=None if running else bucket(n, self.min_batch_bucket))
         except BaseException as e:  # noqa: BLE001 - the engine must survive bad requests
             return self._fail(batch, e)
-        if joining:
+        if running:
+            free = [i for i, r in enumerate(self._owners) if r is None]
+            if len(free) < n:  # running + n <= max_batch: the bucket is at most self.rows
+                more = bucket(running + n, self.min_batch_bucket) - len(self._owners)
+                try:
+                    self._gen.add_rows(more)
+                except BaseException as e:  # noqa: BLE001 - add_rows changes nothing when it raises
+                    return self._fail(batch, e)
+                self._owners += [None] * more
+                self._peers += [0] * more
+                free += list(range(len(self._owners) - more, len(self._owners)))
+                self.stats["grown"] += 1
             try:
                 self._gen.join(gen, free[:n])
             except BaseException as e:  # noqa: BLE001 - the running batch may be broken: end it
@@ -157,8 +171,8 @@ class Engine:
             self.stats["joined"] += n
         else:
             self._gen = gen
-            self._owners = batch + [None] * (self.rows - n)
-            self._peers = [0] * self.rows
+            self._owners = batch + [None] * (gen.rows - n)
+            self._peers = [0] * gen.rows
             self.stats["batches"] += 1
         self.stats["requests"] += n
         self.stats["largest_batch"] = max(self.stats["largest_batch"], self._running())

@@ -11,8 +11,8 @@ The structure is exactly what `m1jax.model.forward(cache=...)` reads and returns
 C = config.num_cycles (the layer stack is scanned over cycles). Lightning states do not grow with the sequence;
 the KV buffers are preallocated for `max_len` tokens. Snapshots (`save_cache` / `load_cache`) keep only the
 used slots, so a snapshot of a long document can be restored into a buffer of any larger size.
-For continuous batching, `shift_cache` moves every row's slots (and the offset) and `place_rows` puts another
-batch's rows in, their tokens ending at the shared offset.
+For continuous batching, `shift_cache` moves every row's slots (and the offset), `append_rows` adds empty rows
+and `place_rows` puts another batch's rows in, their tokens ending at the shared offset.
 """
 
 from __future__ import annotations
@@ -176,6 +176,19 @@ def _shift(cache: dict, shift: Int[Array, ""], max_len: int) -> dict:
     return {**cache, "layers": layers, "key_valid": move(cache["key_valid"], 1), "offset": cache["offset"] + shift}
 
 
+@functools.partial(jax.jit, static_argnames=("n",))
+def append_rows(cache: dict, n: int) -> dict:
+    """The cache with n empty rows appended along the batch axis (zero states and KV, no valid slots, position
+    0), for `place_rows` to fill; the other rows and the offset stay."""
+    def more(x, axis):
+        return jnp.concatenate([x, jnp.zeros(x.shape[:axis] + (n,) + x.shape[axis + 1:], x.dtype)], axis)
+
+    layers = {j: tuple(more(a, 1) for a in c) if isinstance(c, tuple) else more(c, 1)
+              for j, c in cache["layers"].items()}
+    return {**cache, "layers": layers, "key_valid": more(cache["key_valid"], 0),
+            "next_position": more(cache["next_position"], 0)}
+
+
 @functools.partial(jax.jit, donate_argnames=("cache",))
 def place_rows(cache: dict, rows_cache: dict, rows: Int[Array, " n"]) -> dict:
     """`cache` with row rows[k] replaced by row k of `rows_cache` (a cache of n rows, any number of slots), whose
@@ -270,7 +283,7 @@ def load_cache(path: str | Path, *, max_len: int | None = None, config: ModelCon
     return Snapshot(cache, saved_config if config is None else config, tokens, used)
 
 
-EXECUTION_FIELDS = ("lightning_impl", "max_position_embeddings", "eos_token_id")
+EXECUTION_FIELDS = ("lightning_impl", "head_precision", "max_position_embeddings", "eos_token_id")
 
 
 def _check_same_network(path: Path, saved: ModelConfig, config: ModelConfig) -> None:

@@ -5,7 +5,8 @@ row), `decode` (the whole sampling loop: sample -> stop/budget/thinking bookkeep
 every row is done or a step limit). `Generation` drives them from the host: it left-pads the prompts, prefills
 chunk by chunk, and runs `decode` either to the end (one dispatch) or in segments of a few tokens so a caller
 can stream text and apply stop strings between segments; between segments, `Generation.join` puts the rows of
-another, freshly prefilled batch into finished rows (continuous batching: `splice_rows`, `place_rows`).
+another, freshly prefilled batch into finished rows (continuous batching: `splice_rows`, `place_rows`), and
+`Generation.add_rows` appends finished rows for it (`append_free_rows`).
 `generate` is the one-call API.
 """
 
@@ -21,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from m1jax.cache import cache_capacity, first_used_slot, init_cache, place_rows, resize_cache, shift_cache
+from m1jax.cache import (append_rows, cache_capacity, first_used_slot, init_cache, place_rows, resize_cache,
+                         shift_cache)
 from m1jax.model import M1Model, forward
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -220,6 +222,29 @@ def splice_rows(state: DecodeState, params: DecodeParams, new: DecodeState, new_
         budget=put(params.budget, new_params.budget), think_budget=put(params.think_budget, new_params.think_budget),
         expert_threshold=put(params.expert_threshold, new_params.expert_threshold))
     return state, params
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def append_free_rows(state: DecodeState, params: DecodeParams, prompt_routing: Int[Array, "batch layers experts"],
+                     n: int) -> tuple[DecodeState, DecodeParams, Array]:
+    """(state, params, prompt_routing) with n finished placeholder rows appended to every per-row field: done,
+    nothing generated, an empty cache row (`append_rows`), budget 0, greedy, no thinking cap, no expert
+    threshold. `splice_rows` fills them like any finished row."""
+    def more(x, value=0):
+        return jnp.concatenate([x, jnp.full((n,) + x.shape[1:], value, x.dtype)])
+
+    state = state._replace(
+        cache=append_rows(state.cache, n), logits=more(state.logits), tokens=more(state.tokens, params.pad_id),
+        logprobs=more(state.logprobs), done=more(state.done, True), length=more(state.length),
+        in_think=more(state.in_think), think_count=more(state.think_count), routing=more(state.routing),
+        skipped=more(state.skipped))
+    s = params.sampling
+    params = params._replace(
+        sampling=Sampling(more(s.temperature), more(s.top_k), more(s.top_p, 1.0),
+                          jnp.concatenate([s.keys, row_keys(np.zeros(n, np.uint32))])),
+        budget=more(params.budget), think_budget=more(params.think_budget, -1),
+        expert_threshold=more(params.expert_threshold))
+    return state, params, more(prompt_routing)
 
 
 # ---- host driver ---------------------------------------------------------------------------------------
@@ -488,6 +513,35 @@ class Generation:
             finish_reasons=[self._reasons[i] for i in rows],
             routing=Routing(np.asarray(self.prompt_routing)[rows], s.routing[rows], s.skipped[rows]),
             text=None if self._texts is None else [self._texts[i].text for i in rows], cache=self.state.cache)
+
+    def add_rows(self, n: int) -> None:
+        """Continuous batching: n more rows (self.rows .. self.rows + n - 1), finished placeholders for `join`.
+
+        The batch's padding rows (`min_batch`) are taken first; past them every per-row array grows by the
+        missing rows (a new batch shape: callers bucket the row count to bound compiles). The other rows generate
+        what they would generate without it. Nothing changes if it raises.
+        """
+        if n < 0:
+            raise ValueError(f"add_rows: n must be >= 0, got {n}")
+        extra = self.rows + n - len(self._budget)
+        state, params, routing = self.state, self.params, self.prompt_routing
+        budget, sampling = self._budget, self._sampling
+        tokens, mask = self.prompt_tokens, self.prompt_mask
+        if extra > 0:
+            state, params, routing = append_free_rows(state, params, routing, extra)
+            more = lambda a, value=0: np.concatenate([a, np.full((extra,) + a.shape[1:], value, a.dtype)])
+            budget, sampling = more(budget), tuple(more(a, v) for a, v in zip(sampling, (0, 0, 1)))
+            tokens, mask = more(tokens, self.pad_id), more(mask, False)
+        self.state, self.params, self.prompt_routing = state, params, routing
+        self._budget, self._sampling, self.prompt_tokens, self.prompt_mask = budget, sampling, tokens, mask
+        self.prompt_lengths = np.concatenate([self.prompt_lengths, np.zeros(n, self.prompt_lengths.dtype)])
+        self._emitted = np.concatenate([self._emitted, np.zeros(n, np.int64)])
+        self._cut = np.concatenate([self._cut, np.full(n, -1, np.int64)])
+        self._finished = np.concatenate([self._finished, np.ones(n, bool)])
+        self._reasons += ["length"] * n
+        if self._texts is not None:
+            self._texts += [_RowText(self.tokenizer, []) for _ in range(n)]
+        self.rows += n
 
     def join(self, other: "Generation", rows: Sequence[int]) -> None:
         """Continuous batching: row k of `other` (a batch prefilled on its own and not stepped) replaces the

@@ -105,9 +105,11 @@ class M1Model(nnx.Module):
         return forward(self, input_ids, attention_mask=attention_mask).logits
 
     def head(self, y: Float[Array, "... d"]) -> Float[Array, "... vocab"]:
-        """The LM head in fp32 (the M1 report's fix): fp32(y) @ fp32(W)."""
+        """The LM head in fp32 (the M1 report's fix): fp32(y) @ fp32(W), at full fp32 precision unless
+        config.head_precision is "default" (JAX's default fp32 matmul is TF32 on recent GPUs, bf16 on TPU)."""
         w = self.embed_tokens[...].T if self.config.tie_word_embeddings else self.lm_head[...]
-        return y.astype(jnp.float32) @ w.astype(jnp.float32)
+        precision = jax.lax.Precision.HIGHEST if self.config.head_precision == "float32" else None
+        return jnp.matmul(y.astype(jnp.float32), w.astype(jnp.float32), precision=precision)
 
 
 def default_positions(token_mask: Array, segment_ids: Array | None) -> Int[Array, "batch seq"]:

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m1jax.cache import (cache_bytes, cache_capacity, first_used_slot, init_cache, load_cache, place_rows,
-                         resize_cache, save_cache, shift_cache)
+from m1jax.cache import (append_rows, cache_bytes, cache_capacity, first_used_slot, init_cache, load_cache,
+                         place_rows, resize_cache, save_cache, shift_cache)
 from m1jax.config import get_preset
 from m1jax.sharding import ShardingError, make_mesh
 
@@ -120,6 +120,18 @@ def test_place_rows_puts_the_rows_tokens_before_the_offset():
         if a.ndim:
             rows = (slice(None), slice(0, 2)) if a.ndim == 5 else (slice(0, 2),)
             np.testing.assert_array_equal(a[rows], b[rows])
+
+
+def test_append_rows_adds_empty_rows_and_keeps_the_others():
+    cache = random_cache(TINY, 2, 8, used=5)
+    grown = append_rows(cache, 3)
+    assert int(grown["offset"]) == 5 and cache_capacity(grown) == 8
+    assert grown["key_valid"].shape == (5, 8) and not grown["key_valid"][2:].any()
+    assert grown["next_position"].tolist() == cache["next_position"].tolist() + [0, 0, 0]
+    for a, b in zip(jax.tree.leaves(grown["layers"]), jax.tree.leaves(cache["layers"])):
+        assert a.shape[1] == 5 and a.dtype == b.dtype  # [C, batch, ...]
+        np.testing.assert_array_equal(a[:, :2], b)
+        assert not np.asarray(a[:, 2:]).any()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

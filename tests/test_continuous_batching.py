@@ -1,12 +1,16 @@
-"""Continuous batching (`Generation.join`): a row that joins a running batch generates exactly what it generates
-alone, and the rows already running are unaffected, whichever way the cache has to move or grow for it.
+"""Continuous batching (`Generation.join`, `Generation.add_rows`, the engine): a row that joins a running batch
+generates exactly what it generates alone, and the rows already running are unaffected, whichever way the cache
+has to move or grow for it and however many rows the batch grows to.
 
 One random m1-tiny model (fp32). The solo runs and most newcomers share one shape (1 row, 32 prompt slots, 48 steps).
 """
 
+import threading
+
 import numpy as np
 import pytest
 
+from infer.engine import Engine, Request
 from m1jax.cache import cache_capacity
 from m1jax.config import get_preset
 from m1jax.generation import Generation
@@ -87,3 +91,71 @@ def test_joins_that_move_and_grow_the_cache(model):
     assert_same_row(out, 1, solo(model, M, max_new_tokens=30))
     assert_same_row(out, 0, solo(model, N, max_new_tokens=44))
     assert out.lengths.tolist() == [44, 30]
+
+
+def test_joins_that_grow_the_batch_from_one_row_to_two_and_four(model):
+    """A lone sampled (top-k) row runs in a batch of 1; a newcomer needs a row: the batch grows to 2; two more
+    newcomers: it grows to 4. Every row generates what it generates alone."""
+    running, newcomer = SETTINGS["sampled"]
+    gen = Generation(model, [A], max_new_tokens=24, **running, **SOLO)
+    gen.step(4)
+    gen.add_rows(1)
+    assert gen.rows == 2 and gen.state.tokens.shape == (2, 48) and gen.finish_reasons == [None, "length"]
+    gen.join(Generation(model, [C], max_new_tokens=12, **newcomer, **SOLO), [1])
+    gen.step(4)
+    gen.add_rows(2)
+    assert gen.rows == 4 and gen.params.sampling.keys.shape == (4,) and gen.finish_reasons[2:] == ["length"] * 2
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        gen.add_rows(-1)
+    gen.join(Generation(model, [B, M], max_new_tokens=[10, 6], **SOLO), [3, 2])
+    assert where(gen) == (40, 80, 48)  # 32 prompt slots + 8 steps; nothing moved
+    out = gen.result()
+    assert_same_row(out, 0, solo(model, A, max_new_tokens=24, **running))
+    assert_same_row(out, 1, solo(model, C, max_new_tokens=12, **newcomer))
+    assert_same_row(out, 3, solo(model, B, max_new_tokens=10))
+    assert_same_row(out, 2, solo(model, M, max_new_tokens=6))
+    assert out.prompt_lengths.tolist() == [len(A), len(C), len(M), len(B)]
+
+    padded = Generation(model, [A], max_new_tokens=4, min_batch=2, **SOLO)  # its padding row is taken first
+    padded.add_rows(1)
+    assert padded.rows == 2 and padded.state.tokens.shape == (2, 48) and padded.finish_reasons == [None, "length"]
+
+
+def test_the_engine_runs_a_lone_request_in_one_row_and_grows_for_a_joiner(model, monkeypatch):
+    """A lone request decodes one row; a request that arrives while it runs grows the batch to 2 rows and joins;
+    both equal their solo runs. When growing fails, the joiner fails and the running request goes on."""
+    engine = Engine(model, max_batch=4, segment=4, min_prompt_bucket=32, min_steps_bucket=16).start()
+    results, rows = {}, []
+
+    def run(joiner_fails: bool = False):
+        short = Request(C, max_new_tokens=3, temperature=0.0, on_done=lambda r: results.__setitem__("short", r))
+
+        def on_delta(delta):
+            rows.append(engine._gen.rows)
+            if len(rows) == 1:
+                engine.submit(short)  # arrives during the first segment: joins at the next boundary
+
+        done = threading.Event()
+        engine.submit(Request(A, max_new_tokens=16, temperature=0.0, on_delta=on_delta,
+                              on_done=lambda r: (results.__setitem__("long", r), done.set())))
+        assert done.wait(300)
+
+    try:
+        run()
+        assert rows[0] == 1 and rows[1:] == [2] * 3
+        assert engine.stats["grown"] == 1 and engine.stats["joined"] == 1
+        assert results["short"].batch_size == 2
+        same = lambda prompt, n: Generation(model, [prompt], max_new_tokens=n, min_prompt_len=32,
+                                            min_new_tokens=16).result().tokens[0]
+        assert results["long"].tokens == same(A, 16) and results["short"].tokens == same(C, 3)
+
+        def broken(self, n):
+            raise RuntimeError("no memory for more rows")
+
+        monkeypatch.setattr(Generation, "add_rows", broken)
+        rows.clear()
+        run()
+        assert isinstance(results["short"], RuntimeError) and rows == [1] * 4
+        assert results["long"].tokens == same(A, 16)
+    finally:
+        engine.close()

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 from m1jax.config import get_preset
+from m1jax.layers.moe import route
 from m1jax.model import forward, init_model
 
 
@@ -60,3 +61,23 @@ def test_packed_segments_equal_separate_documents(tiny):
     scale = float(jnp.abs(out).max())
     np.testing.assert_allclose(out[0, :7], forward(tiny, a).logits[0], rtol=1e-5, atol=1e-5 * scale)
     np.testing.assert_allclose(out[0, 7:], forward(tiny, b).logits[0], rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_lm_head_and_router_are_true_fp32_on_accelerators(tiny, platform):
+    """JAX's default fp32 matmul is TF32 on recent GPUs and bf16 passes on TPU: the head and the router must ask
+    for HIGHEST."""
+    def head_dots(cfg):
+        model = init_model(cfg, seed=0)
+        y = jax.ShapeDtypeStruct((2, cfg.hidden_size), jnp.float32)
+        text = jax.jit(lambda y: model.head(y)).trace(y).lower(lowering_platforms=(platform,)).as_text()
+        return [line for line in text.splitlines() if "dot_general" in line]
+
+    cfg = tiny.config
+    [fp32] = head_dots(cfg)
+    [default] = head_dots(cfg.replace(head_precision="default"))
+    assert "HIGHEST" in fp32 and "HIGHEST" not in default
+    x = jax.ShapeDtypeStruct((3, cfg.hidden_size), jnp.bfloat16)
+    router = jax.ShapeDtypeStruct((cfg.hidden_size, cfg.num_experts), jnp.float32)
+    text = jax.jit(lambda x, r: route(x, r, 2)).trace(x, router).lower(lowering_platforms=(platform,)).as_text()
+    assert [line for line in text.splitlines() if "dot_general" in line and "HIGHEST" in line]

@@ -27,7 +27,8 @@ def route(x: Float[Array, "tokens d"], router: Float[Array, "d experts"], top_k:
     With `threshold` (inference only), a selected expert whose renormalised weight is below it gets weight 0
     (skipped; the other weights are not renormalised again); the top choice is always kept.
     """
-    logits = x.astype(jnp.float32) @ router.astype(jnp.float32)
+    # HIGHEST: a true fp32 product (JAX's default is TF32 on recent GPUs), so near-ties route as the reference does
+    logits = jnp.matmul(x.astype(jnp.float32), router.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     probs = jax.nn.softmax(logits, axis=-1)
     weights, experts = jax.lax.top_k(probs, top_k)
     weights = weights / jnp.sum(weights, -1, keepdims=True)
