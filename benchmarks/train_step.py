@@ -42,9 +42,9 @@ def matmul_ceiling(dtype, n: int = 8192, reps: int = 10) -> float:
 
 
 def bench_step(preset: str, seq: int, batch: int, compute_dtype: str, remat: str, steps: int,
-               lightning_impl: str, head_precision: str) -> dict:
+               lightning_impl: str) -> dict:
     tcfg = TrainConfig.from_dict({
-        "model": {"preset": preset, "overrides": {"lightning_impl": lightning_impl, "head_precision": head_precision}},
+        "model": {"preset": preset, "overrides": {"lightning_impl": lightning_impl}},
         "data": {"seq_len": seq, "batch_size": batch},
         "run": {"steps": 1000, "compute_dtype": compute_dtype, "remat": remat},
     })
@@ -68,7 +68,7 @@ def bench_step(preset: str, seq: int, batch: int, compute_dtype: str, remat: str
     step_s = (time.perf_counter() - t) / steps
     flops = train_flops_per_token(config, seq) * batch * seq
     return {"config": f"{preset} seq {seq} x batch {batch}, {compute_dtype}, remat {remat}, lightning "
-                      f"{lightning_impl}, head {head_precision}", "step_s": step_s, "compile_s": compile_s,
+                      f"{lightning_impl}", "step_s": step_s, "compile_s": compile_s,
             "tokens_per_s": batch * seq / step_s, "tflops": flops / step_s / 1e12, "loss": float(m["loss"])}
 
 
@@ -82,8 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--remat", default="dots" if accel else "none", choices=("none", "full", "dots"))
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--lightning-impl", default="auto")
-    parser.add_argument("--head-precision", nargs="+", default=["float32", "default"],
-                        help="LM head matmul precision(s), one row each (ModelConfig.head_precision)")
     args = parser.parse_args(argv)
 
     device = jax.devices()[0]
@@ -101,20 +99,18 @@ def main(argv: list[str] | None = None) -> int:
     for seq in args.seq:
         batch = max(1, args.batch * args.seq[0] // seq)  # same tokens per step at every length
         # one shape failing (e.g. out of memory) must not hide the others; a failing kernel retries on XLA
-        for head in args.head_precision:
-            for impl in dict.fromkeys([args.lightning_impl, "xla"]):
-                try:
-                    r = bench_step(args.preset, seq, batch, args.dtype, args.remat, args.steps, impl, head)
-                    break
-                except Exception:
-                    print(f"| {args.preset} seq {seq} x batch {batch}, lightning {impl}, head {head} | failed "
-                          f"| | | | | |")
-                    traceback.print_exc()
-            else:
-                continue
-            vs_peak = f"{r['tflops'] * 1e12 / peak:.1%}" if peak else "n/a"
-            print(f"| {r['config']} | {r['step_s']:.3f} | {r['compile_s']:.0f} | {r['tokens_per_s']:,.0f} | "
-                  f"{r['tflops']:.3g} | {r['tflops'] * 1e12 / ceiling:.1%} | {vs_peak} |", flush=True)
+        for impl in dict.fromkeys([args.lightning_impl, "xla"]):
+            try:
+                r = bench_step(args.preset, seq, batch, args.dtype, args.remat, args.steps, impl)
+                break
+            except Exception:
+                print(f"| {args.preset} seq {seq} x batch {batch}, lightning {impl} | failed | | | | | |")
+                traceback.print_exc()
+        else:
+            continue
+        vs_peak = f"{r['tflops'] * 1e12 / peak:.1%}" if peak else "n/a"
+        print(f"| {r['config']} | {r['step_s']:.3f} | {r['compile_s']:.0f} | {r['tokens_per_s']:,.0f} | "
+              f"{r['tflops']:.3g} | {r['tflops'] * 1e12 / ceiling:.1%} | {vs_peak} |", flush=True)
     return 0
 
 

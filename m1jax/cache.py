@@ -283,7 +283,7 @@ def load_cache(path: str | Path, *, max_len: int | None = None, config: ModelCon
     return Snapshot(cache, saved_config if config is None else config, tokens, used)
 
 
-EXECUTION_FIELDS = ("lightning_impl", "head_precision", "max_position_embeddings", "eos_token_id")
+EXECUTION_FIELDS = ("lightning_impl", "max_position_embeddings", "eos_token_id")
 
 
 def _check_same_network(path: Path, saved: ModelConfig, config: ModelConfig) -> None:

@@ -20,7 +20,6 @@ LayerType = Literal["lightning", "softmax"]
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 DTYPES = ("float32", "bfloat16", "float16")
 LIGHTNING_IMPLS = ("auto", "reference", "xla", "pallas_gpu", "pallas_tpu")
-HEAD_PRECISIONS = ("float32", "default")
 M1_ALPHA = (2 * 80) ** 0.25  # DeepNorm alpha of the 80-layer model: 3.5565588200778455
 
 
@@ -60,9 +59,6 @@ class ModelConfig:
     max_position_embeddings: int = 10_240_000
     dtype: str = "bfloat16"
     lightning_impl: str = "auto"  # execution choice only: which lightning_attention implementation runs
-    # execution choice only: "float32" = a true fp32 LM head (the M1 report's fix, as vLLM), "default" = the
-    # backend's default fp32 matmul (TF32 on recent GPUs, bf16 passes on TPU: faster, e.g. for pretraining)
-    head_precision: str = "float32"
     eos_token_id: int | None = None
 
     def __post_init__(self):
@@ -93,8 +89,6 @@ class ModelConfig:
         need(self.dtype in DTYPES, "dtype", f"{self.dtype!r} not in {DTYPES}")
         need(self.lightning_impl in LIGHTNING_IMPLS, "lightning_impl",
              f"{self.lightning_impl!r} not in {LIGHTNING_IMPLS}")
-        need(self.head_precision in HEAD_PRECISIONS, "head_precision",
-             f"{self.head_precision!r} not in {HEAD_PRECISIONS}")
         need(self.rms_norm_eps > 0 and self.lightning_norm_eps > 0, "rms_norm_eps", "norm epsilons must be > 0")
 
     # ---- derived quantities -----------------------------------------------------------------

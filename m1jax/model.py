@@ -19,7 +19,7 @@ from jaxtyping import Array, Float, Int
 
 from m1jax.config import LayerType, ModelConfig
 from m1jax.layers.attention import SoftmaxAttention
-from m1jax.layers.common import dense_param
+from m1jax.layers.common import dense_param, fp32_matmul
 from m1jax.layers.lightning import LightningAttention, lightning_slopes
 from m1jax.layers.moe import MoE
 from m1jax.layers.norms import RMSNorm
@@ -105,11 +105,9 @@ class M1Model(nnx.Module):
         return forward(self, input_ids, attention_mask=attention_mask).logits
 
     def head(self, y: Float[Array, "... d"]) -> Float[Array, "... vocab"]:
-        """The LM head in fp32 (the M1 report's fix): fp32(y) @ fp32(W), at full fp32 precision unless
-        config.head_precision is "default" (JAX's default fp32 matmul is TF32 on recent GPUs, bf16 on TPU)."""
+        """The LM head in fp32 (the M1 report's fix): fp32(y) @ fp32(W) at full fp32 precision."""
         w = self.embed_tokens[...].T if self.config.tie_word_embeddings else self.lm_head[...]
-        precision = jax.lax.Precision.HIGHEST if self.config.head_precision == "float32" else None
-        return jnp.matmul(y.astype(jnp.float32), w.astype(jnp.float32), precision=precision)
+        return fp32_matmul(y, w)
 
 
 def default_positions(token_mask: Array, segment_ids: Array | None) -> Int[Array, "batch seq"]:

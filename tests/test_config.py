@@ -81,8 +81,7 @@ def test_unknown_harmless_fields_are_ignored():
 
 @pytest.mark.parametrize("changes,field", [({"num_kv_heads": 3}, "num_kv_heads"), ({"rotary_dim": 7}, "rotary_dim"),
                                            ({"layer_types": ("lightning",) * 3}, "layer_types"),
-                                           ({"hidden_act": "swish2"}, "hidden_act"), ({"dtype": "int8"}, "dtype"),
-                                           ({"head_precision": "tf32"}, "head_precision")])
+                                           ({"hidden_act": "swish2"}, "hidden_act"), ({"dtype": "int8"}, "dtype")])
 def test_bad_values_name_the_field(changes, field):
     with pytest.raises(ConfigError, match=field):
         get_preset("m1-tiny").replace(**changes)

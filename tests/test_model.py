@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 from m1jax.config import get_preset
+from m1jax.layers.common import STACKED_ROWS, fp32_matmul
 from m1jax.layers.moe import route
 from m1jax.model import forward, init_model
 
@@ -63,21 +64,34 @@ def test_packed_segments_equal_separate_documents(tiny):
     np.testing.assert_allclose(out[0, 7:], forward(tiny, b).logits[0], rtol=1e-5, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("rows", [3, STACKED_ROWS + 1])  # one stacked matmul, three accumulated ones
+def test_fp32_matmul_of_bf16_weights_is_fp32_accurate(rows):
+    """Activations over 12 orders of magnitude (the M1 report's "high-magnitude activations" in the LM head)."""
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(k1, (rows, 256)) * jnp.exp(jax.random.uniform(k2, (rows, 256), minval=-14, maxval=14))
+    w = jax.random.normal(k3, (256, 96), jnp.bfloat16)
+    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    got = np.asarray(fp32_matmul(x, w), np.float64)
+    scale = np.abs(np.asarray(x, np.float64)) @ np.abs(np.asarray(w, np.float64))  # condition of each sum
+    assert np.max(np.abs(got - want) / scale) < 1e-6
+    bf16_x = np.asarray(jnp.matmul(x.astype(jnp.bfloat16), w, preferred_element_type=jnp.float32), np.float64)
+    assert np.max(np.abs(bf16_x - want) / scale) > 1e-4  # what one bf16 pass would give: the test can fail
+
+
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_lm_head_and_router_are_true_fp32_on_accelerators(tiny, platform):
-    """JAX's default fp32 matmul is TF32 on recent GPUs and bf16 passes on TPU: the head and the router must ask
-    for HIGHEST."""
-    def head_dots(cfg):
-        model = init_model(cfg, seed=0)
-        y = jax.ShapeDtypeStruct((2, cfg.hidden_size), jnp.float32)
-        text = jax.jit(lambda y: model.head(y)).trace(y).lower(lowering_platforms=(platform,)).as_text()
+    """JAX's default fp32 matmul is TF32 on recent GPUs and bf16 passes on TPU: a bf16 head must run as bf16
+    products with fp32 accumulation (exact), an fp32 router (and fp32 head) with Precision.HIGHEST."""
+    def dots(fn, *shapes):
+        text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=(platform,)).as_text()
         return [line for line in text.splitlines() if "dot_general" in line]
 
     cfg = tiny.config
-    [fp32] = head_dots(cfg)
-    [default] = head_dots(cfg.replace(head_precision="default"))
-    assert "HIGHEST" in fp32 and "HIGHEST" not in default
+    y = jax.ShapeDtypeStruct((2, cfg.hidden_size), jnp.float32)
+    [bf16_head] = dots(init_model(cfg.replace(dtype="bfloat16")).head, y)
+    assert "bf16" in bf16_head and "-> tensor<3x2x" in bf16_head and "f32>" in bf16_head.split("->")[1]
+    [fp32_head] = dots(init_model(cfg).head, y)
     x = jax.ShapeDtypeStruct((3, cfg.hidden_size), jnp.bfloat16)
     router = jax.ShapeDtypeStruct((cfg.hidden_size, cfg.num_experts), jnp.float32)
-    text = jax.jit(lambda x, r: route(x, r, 2)).trace(x, router).lower(lowering_platforms=(platform,)).as_text()
-    assert [line for line in text.splitlines() if "dot_general" in line and "HIGHEST" in line]
+    [router_dot] = dots(lambda x, r: route(x, r, 2), x, router)
+    assert "HIGHEST" in fp32_head and "HIGHEST" in router_dot

@@ -14,7 +14,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from m1jax.config import ModelConfig
-from m1jax.layers.common import ACTIVATIONS, dense_param
+from m1jax.layers.common import ACTIVATIONS, dense_param, fp32_matmul
 from m1jax.layers.moe_ep import resolve_dispatch
 from pallas_kernels import grouped_matmul
 from pallas_kernels.expert_matmul import expert_matmul
@@ -27,8 +27,7 @@ def route(x: Float[Array, "tokens d"], router: Float[Array, "d experts"], top_k:
     With `threshold` (inference only), a selected expert whose renormalised weight is below it gets weight 0
     (skipped; the other weights are not renormalised again); the top choice is always kept.
     """
-    # HIGHEST: a true fp32 product (JAX's default is TF32 on recent GPUs), so near-ties route as the reference does
-    logits = jnp.matmul(x.astype(jnp.float32), router.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    logits = fp32_matmul(x, router)  # a true fp32 product, so near-ties route as the reference does
     probs = jax.nn.softmax(logits, axis=-1)
     weights, experts = jax.lax.top_k(probs, top_k)
     weights = weights / jnp.sum(weights, -1, keepdims=True)
