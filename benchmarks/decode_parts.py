@@ -5,8 +5,9 @@ hoisted out of the loop), against the bytes each must read at the copy ceiling m
 Shapes: the m1-1.5b preset (hidden 2048, 8 experts top-2, width 3072, vocab 32000), bf16, 1 / 2 / 8 tokens.
 MoE rows: the ragged dispatch (sort + tile schedule + grouped matmul), the gather dispatch (expert_matmul; a few
 panel widths) and the dense reference; "floor" is reading the distinct selected experts' weights once. Head rows:
-model.head (fp32 operands, as the model computes it) and a bf16 x bf16 product accumulated in fp32, to see
-whether XLA streams the bf16 weights or materialises an fp32 copy every step. Every row is guarded.
+model.head's fp32_matmul (three exact bf16 parts, one pass over the bf16 weights), fp32 operands at HIGHEST and at
+the default precision (whether XLA materialises an fp32 copy of the weights every step), and one bf16 pass.
+Every row is guarded.
 
     python benchmarks/decode_parts.py            # GPU; on CPU a smoke run at small sizes
 """
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from m1jax.layers.common import fp32_matmul  # noqa: E402
 from m1jax.layers.moe import DISPATCH, route  # noqa: E402
 from pallas_kernels.expert_matmul import expert_matmul  # noqa: E402
 from timing import median_seconds  # noqa: E402
@@ -98,9 +100,13 @@ def main() -> None:
     for tokens in (1, 8):
         y = jax.random.normal(keys[5], (tokens, d), bf16)
         fold = lambda logits: logits[:, :d].astype(bf16)  # feed a slice back so calls depend on each other
-        fp32 = lambda y, w: fold(y.astype(jnp.float32) @ w.astype(jnp.float32))
-        mixed = lambda y, w: fold(jnp.dot(y, w, preferred_element_type=jnp.float32))
-        for name, fn in (("fp32 operands (model.head)", fp32), ("bf16 operands, fp32 accumulation", mixed)):
+        f32 = lambda a: a.astype(jnp.float32)
+        variants = (
+            ("fp32_matmul: 3 exact bf16 parts (model.head)", lambda y, w: fold(fp32_matmul(y, w))),
+            ("fp32 operands, HIGHEST", lambda y, w: fold(jnp.matmul(f32(y), f32(w), precision="highest"))),
+            ("fp32 operands, default precision", lambda y, w: fold(f32(y) @ f32(w))),
+            ("one bf16 pass (not fp32-accurate)", lambda y, w: fold(jnp.dot(y, w, preferred_element_type=jnp.float32))))
+        for name, fn in variants:
             report("LM head", tokens, name, lambda fn=fn: per_call_seconds(fn, y, head, calls=calls), d * v * 2)
 
 
