@@ -136,7 +136,7 @@ class DecodeParams(NamedTuple):
     sampling: Sampling
     budget: Int[Array, " batch"]  # max new tokens per row
     think_budget: Int[Array, " batch"]  # max tokens inside <think>...</think>; < 0: no cap
-    think_ids: Int[Array, "2"]  # (<think>, </think>) ids, -1 if unknown
+    think_ids: Int[Array, " 2"]  # (<think>, </think>) ids, -1 if unknown
     stop_ids: Int[Array, " stops"]  # padded with -1
     vocab_limit: Int[Array, ""]  # ids >= this are never sampled (tokenizer smaller than the embedding)
     expert_threshold: Float[Array, " batch"]

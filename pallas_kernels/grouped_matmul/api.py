@@ -24,7 +24,7 @@ _AUTO = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}
 def grouped_matmul(
     lhs: Float[Array, "m k"],
     rhs: Float[Array, "groups k n"],
-    group_sizes: Int[Array, "groups"],
+    group_sizes: Int[Array, " groups"],
     *,
     impl: Impl = "auto",
     interpret: bool | None = None,

@@ -93,7 +93,7 @@ def _gmm_kernel(
 def gmm(
     lhs: Float[Array, "m k"],
     rhs: Float[Array, "groups k n"],
-    group_sizes: Int[Array, "groups"],
+    group_sizes: Int[Array, " groups"],
     *,
     tiling: Tiling,
     out_dtype: jnp.dtype,
@@ -157,7 +157,7 @@ def _tgmm_kernel(
 def tgmm(
     lhs: Float[Array, "m k"],
     dout: Float[Array, "m n"],
-    group_sizes: Int[Array, "groups"],
+    group_sizes: Int[Array, " groups"],
     *,
     tiling: Tiling,
     out_dtype: jnp.dtype,

@@ -88,7 +88,7 @@ def _gmm_kernel(
 def gmm(
     lhs: Float[Array, "m k"],
     rhs: Float[Array, "groups k n"],
-    group_sizes: Int[Array, "groups"],
+    group_sizes: Int[Array, " groups"],
     *,
     tiling: Tiling,
     out_dtype: jnp.dtype,
@@ -171,7 +171,7 @@ def _tgmm_kernel(offsets_ref, group_ids_ref, row_tiles_ref, lhs_t_ref, dout_ref,
 def tgmm(
     lhs: Float[Array, "m k"],
     dout: Float[Array, "m n"],
-    group_sizes: Int[Array, "groups"],
+    group_sizes: Int[Array, " groups"],
     *,
     tiling: Tiling,
     out_dtype: jnp.dtype,

@@ -14,7 +14,7 @@ from jaxtyping import Array, Float, Int
 def grouped_matmul(
     lhs: Float[Array, "m k"],
     rhs: Float[Array, "groups k n"],
-    group_sizes: Int[Array, "groups"],
+    group_sizes: Int[Array, " groups"],
     preferred_element_type: jnp.dtype | None = None,
 ) -> Float[Array, "m n"]:
     """Per group g: lhs[rows of g] @ rhs[g]; zeros past sum(group_sizes)."""
@@ -24,7 +24,7 @@ def grouped_matmul(
 def transposed_grouped_matmul(
     lhs: Float[Array, "m k"],
     dout: Float[Array, "m n"],
-    group_sizes: Int[Array, "groups"],
+    group_sizes: Int[Array, " groups"],
     preferred_element_type: jnp.dtype | None = None,
 ) -> Float[Array, "groups k n"]:
     """Per group g: lhs[rows of g]^T @ dout[rows of g]."""

@@ -29,14 +29,14 @@ class Tiling(NamedTuple):
 class TileSchedule(NamedTuple):
     """Work items over row tiles; arrays of work items have length num_tiles + num_groups - 1."""
 
-    group_offsets: Int[Array, "groups_plus_2"]  # group g spans rows [g_o[g], g_o[g+1]); g_o[-2] == g_o[-1]
-    group_ids: Int[Array, "work"]  # group of each work item; num_groups (an empty group) past the last
-    row_tiles: Int[Array, "work"]  # row tile of each work item, non-decreasing
+    group_offsets: Int[Array, " groups_plus_2"]  # group g spans rows [g_o[g], g_o[g+1]); g_o[-2] == g_o[-1]
+    group_ids: Int[Array, " work"]  # group of each work item; num_groups (an empty group) past the last
+    row_tiles: Int[Array, " work"]  # row tile of each work item, non-decreasing
     num_work: Int[Array, ""]  # how many work items are real
 
 
 def make_schedule(
-    group_sizes: Int[Array, "groups"], num_rows: int, tile: int, *, visit_empty_groups: bool
+    group_sizes: Int[Array, " groups"], num_rows: int, tile: int, *, visit_empty_groups: bool
 ) -> TileSchedule:
     """Work items for `num_rows` rows (a multiple of `tile`) split into groups of `group_sizes` rows.
 
