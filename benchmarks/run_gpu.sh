@@ -2,7 +2,7 @@
 # Every GPU check and benchmark in one device call, most valuable first; each part has its own time limit,
 # so one failure or hang costs only its slot. Tables go to stdout and to $OUT/*.md.
 # Usage (repo root, on the GPU machine; bench_local/ holds the fla wheel copied from ../shared/bench/wheels):
-#   bash benchmarks/run_gpu.sh [lightning grouped_matmul moe decode_parts generate train]
+#   bash benchmarks/run_gpu.sh [lightning grouped_matmul moe decode_parts generate decode_flags train]
 set -o pipefail
 OUT=${OUT:-/tmp/m1jax_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
@@ -28,6 +28,12 @@ for p in ${@:-lightning grouped_matmul moe decode_parts generate train}; do
     moe) part moe "${T_MOE:-70}" python3 benchmarks/moe.py ;;
     decode_parts) part decode_parts "${T_DECODE_PARTS:-60}" python3 benchmarks/decode_parts.py ;;
     generate) part generate "${T_GENERATE:-110}" python3 benchmarks/generate.py ;;
+    decode_flags)  # batch-1 decode with XLA's command buffers (CUDA graphs) off, default, and over while loops
+      for variant in "off:--xla_gpu_enable_command_buffer=" "default:" \
+          "while:--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"; do
+        part "decode_flags_${variant%%:*}" "${T_DECODE_FLAGS:-50}" env XLA_FLAGS="${variant#*:}" \
+          python3 benchmarks/generate.py --batches 1 --dispatch auto --no-transformers --budget-s 35
+      done ;;
     train) part train "${T_TRAIN:-80}" python3 benchmarks/train_step.py ;;
     *) echo "unknown part $p" ;;
   esac
