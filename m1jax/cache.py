@@ -176,13 +176,16 @@ def _shift(cache: dict, shift: Int[Array, ""], max_len: int) -> dict:
     return {**cache, "layers": layers, "key_valid": move(cache["key_valid"], 1), "offset": cache["offset"] + shift}
 
 
+def append_filled(x: Array, n: int, axis: int = 0, value=0) -> Array:
+    """x with n entries of `value` appended along `axis`."""
+    return jnp.concatenate([x, jnp.full(x.shape[:axis] + (n,) + x.shape[axis + 1:], value, x.dtype)], axis)
+
+
 @functools.partial(jax.jit, static_argnames=("n",))
 def append_rows(cache: dict, n: int) -> dict:
     """The cache with n empty rows appended along the batch axis (zero states and KV, no valid slots, position
     0), for `place_rows` to fill; the other rows and the offset stay."""
-    def more(x, axis):
-        return jnp.concatenate([x, jnp.zeros(x.shape[:axis] + (n,) + x.shape[axis + 1:], x.dtype)], axis)
-
+    more = lambda x, axis: append_filled(x, n, axis)
     layers = {j: tuple(more(a, 1) for a in c) if isinstance(c, tuple) else more(c, 1)
               for j, c in cache["layers"].items()}
     return {**cache, "layers": layers, "key_valid": more(cache["key_valid"], 0),

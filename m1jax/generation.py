@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from m1jax.cache import (append_rows, cache_capacity, first_used_slot, init_cache, place_rows, resize_cache,
-                         shift_cache)
+from m1jax.cache import (append_filled, append_rows, cache_capacity, first_used_slot, init_cache, place_rows,
+                         resize_cache, shift_cache)
 from m1jax.model import M1Model, forward
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -230,8 +230,7 @@ def append_free_rows(state: DecodeState, params: DecodeParams, prompt_routing: I
     """(state, params, prompt_routing) with n finished placeholder rows appended to every per-row field: done,
     nothing generated, an empty cache row (`append_rows`), budget 0, greedy, no thinking cap, no expert
     threshold. `splice_rows` fills them like any finished row."""
-    def more(x, value=0):
-        return jnp.concatenate([x, jnp.full((n,) + x.shape[1:], value, x.dtype)])
+    more = lambda x, value=0: append_filled(x, n, 0, value)
 
     state = state._replace(
         cache=append_rows(state.cache, n), logits=more(state.logits), tokens=more(state.tokens, params.pad_id),
