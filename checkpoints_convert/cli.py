@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from checkpoints_convert.hf_to_orbax import check_mesh, convert_hf_to_orbax, dry_run, parse_mesh
+from checkpoints_convert.hf_to_orbax import check_mesh, convert_hf_to_orbax, dry_run
 from checkpoints_convert.orbax_to_hf import convert_orbax_to_hf, parse_size
 from m1jax.config import DTYPES, ConfigError, ModelConfig
-from m1jax.sharding import ShardingError
+from m1jax.sharding import ShardingError, parse_mesh
 from m1jax.weights import CheckpointError
 
 
@@ -27,7 +27,7 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     h2o.add_argument("--dst", help="checkpoint directory to create (not needed with --dry-run)")
     h2o.add_argument("--dtype", choices=DTYPES, help="parameter dtype (default: the config's)")
     h2o.add_argument("--router-dtype", choices=DTYPES, help="router dtype (default: as stored, fp32 for M1)")
-    h2o.add_argument("--mesh", type=parse_mesh, help="AXIS=SIZE,... (data, fsdp, expert, tensor): check that "
+    h2o.add_argument("--mesh", default="", help="AXIS=SIZE,... (data, fsdp, expert, tensor): check that "
                      "the checkpoint can be restored on this mesh")
     h2o.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
     h2o.add_argument("--dry-run", action="store_true",
@@ -45,15 +45,16 @@ def run(args: argparse.Namespace) -> int:
     """Run a parsed `convert` command; bad input prints one error line and returns 1."""
     try:
         if args.direction == "hf-to-orbax":
-            if args.mesh:
-                print(check_mesh(ModelConfig.from_hf(args.src), args.mesh))
+            mesh = parse_mesh(args.mesh) or None
+            if mesh:
+                print(check_mesh(ModelConfig.from_hf(args.src), mesh))
             if args.dry_run:
                 print(f"dry run OK: {dry_run(args.src)}")
                 return 0
             if not args.dst:
                 raise ConfigError("--dst is required unless --dry-run")
             totals = convert_hf_to_orbax(args.src, args.dst, dtype=args.dtype, router_dtype=args.router_dtype,
-                                         mesh=args.mesh, overwrite=args.overwrite, progress=not args.no_progress)
+                                         mesh=mesh, overwrite=args.overwrite, progress=not args.no_progress)
         else:
             totals = convert_orbax_to_hf(args.src, args.dst, max_shard_size=args.max_shard_size,
                                          overwrite=args.overwrite, progress=not args.no_progress)

@@ -9,7 +9,6 @@ complete (and synced to disk).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -47,17 +46,6 @@ class Totals:
                 f"{self.parameters:,} parameters ({self.layout} layout, router {self.router_dtype}){rate}")
 
 
-def parse_mesh(text: str) -> dict[str, int]:
-    """'data=2,expert=4' -> {'data': 2, 'expert': 4}."""
-    mesh = {}
-    for part in filter(None, text.split(",")):
-        name, _, size = part.partition("=")
-        if not name or not size.isdigit() or int(size) < 1:
-            raise argparse.ArgumentTypeError(f"expected AXIS=SIZE[,AXIS=SIZE...], got {text!r}")
-        mesh[name.strip()] = int(size)
-    return mesh
-
-
 def check_mesh(config: ModelConfig, mesh: Mapping[str, int]) -> str:
     """Check that the checkpoint can be restored on `mesh` (m1jax.sharding's rules); describe the split.
 
@@ -67,6 +55,8 @@ def check_mesh(config: ModelConfig, mesh: Mapping[str, int]) -> str:
     unknown = sorted(set(mesh) - set(AXES))
     if unknown:
         raise ConfigError(f"mesh axes {unknown} are not among m1jax's {AXES}")
+    if any(size < 1 for size in mesh.values()):
+        raise ConfigError(f"mesh sizes must be >= 1, got {dict(mesh)}")
     validate(config, mesh)
     axes = " ".join(f"{k}={v}" for k, v in mesh.items())
     experts = mesh.get("expert", 1)

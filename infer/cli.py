@@ -25,11 +25,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the one in the model directory)")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per prefill call")
+    parser.add_argument("--mesh", default="",
+                        help="shard the model and the batch over all devices on this mesh: AXIS=SIZE,... with axes "
+                             "data, fsdp, expert, tensor, one size may be -1 (e.g. expert=4,tensor=-1); "
+                             "default: one device")
 
 
-def load_model_and_tokenizer(model_arg: str | None, tokenizer_arg: str | None, dtype: str | None):
-    """(model, tokenizer or None, a display name). The tokenizer defaults to the one beside the weights."""
+def load_model_and_tokenizer(model_arg: str | None, tokenizer_arg: str | None, dtype: str | None, mesh_arg: str = ""):
+    """(model, tokenizer or None, a display name, the mesh or None). The tokenizer defaults to the one beside the
+    weights; with `mesh_arg` (the --mesh flag) the parameters are loaded straight into their shardings."""
     from m1jax.loading import from_pretrained
+    from m1jax.sharding import ShardingError, make_mesh, parse_mesh
     from m1jax.tokenizer import load_tokenizer
 
     if model_arg is None:
@@ -39,7 +45,11 @@ def load_model_and_tokenizer(model_arg: str | None, tokenizer_arg: str | None, d
             raise SystemExit("error: the embedded default model is not available in this install; "
                              "pass --model PATH or --model preset:NAME") from None
         model_arg = str(default_model_path())
-    model = from_pretrained(model_arg, dtype=dtype)
+    try:
+        mesh = make_mesh(**parse_mesh(mesh_arg)) if mesh_arg else None
+        model = from_pretrained(model_arg, dtype=dtype, mesh=mesh)
+    except ShardingError as e:
+        raise SystemExit(f"error: --mesh {mesh_arg!r}: {e}") from None
     tokenizer = None
     if tokenizer_arg is not None:
         tokenizer = load_tokenizer(tokenizer_arg)
@@ -48,7 +58,7 @@ def load_model_and_tokenizer(model_arg: str | None, tokenizer_arg: str | None, d
         if (directory / "tokenizer.json").is_file() or any(directory.glob("*.model")):
             tokenizer = load_tokenizer(directory)
     name = model_arg[len(PRESET_PREFIX):] if model_arg.startswith(PRESET_PREFIX) else Path(model_arg).name
-    return model, tokenizer, name
+    return model, tokenizer, name, mesh
 
 
 def _prompt_ids(text: str, tokenizer, chat: bool, system: str | None) -> list[int]:
@@ -94,7 +104,7 @@ def main(argv: list[str]) -> int:
 
     from m1jax.generation import Generation
 
-    model, tokenizer, _ = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype)
+    model, tokenizer, _, mesh = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype, args.mesh)
     if args.prompt is not None:
         text = args.prompt
     elif args.prompt_file == "-":
@@ -110,7 +120,7 @@ def main(argv: list[str]) -> int:
         run = Generation(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_strings=args.stop,
                          thinking_budget=args.thinking_budget, expert_threshold=args.expert_threshold,
-                         tokenizer=tokenizer, prefill_chunk=args.prefill_chunk)
+                         tokenizer=tokenizer, prefill_chunk=args.prefill_chunk, mesh=mesh)
         prefilled = time.perf_counter()
         for (delta,) in run.stream(args.segment):
             piece = delta.text if tokenizer is not None else "".join(f" {t}" for t in delta.tokens)

@@ -10,7 +10,8 @@ when it grows. When they need more rows than are free, the batch first grows (`G
 power of two that holds every running request and newcomer, at most `bucket(max_batch, min_batch_bucket)` rows;
 the batch shrinks only by ending (its cache is freed when its last request finishes). A row produces the same
 tokens whenever it joins and whatever the batch size. At most `max_batch` requests run at once; the others wait
-(first come, first served).
+(first come, first served). With `mesh` (a model whose parameters live on it), every batch runs on that mesh, its
+rows padded to whole rows per device (`Generation`).
 """
 
 from __future__ import annotations
@@ -62,10 +63,10 @@ def bucket(n: int, minimum: int = 1) -> int:
 class Engine:
     def __init__(self, model: M1Model, tokenizer=None, *, max_batch: int = 8, batch_window_ms: float = 5.0,
                  segment: int = 16, prefill_chunk: int = 2048, min_batch_bucket: int = 1,
-                 min_prompt_bucket: int = 16, min_steps_bucket: int = 16):
+                 min_prompt_bucket: int = 16, min_steps_bucket: int = 16, mesh=None):
         if max_batch < 1 or segment < 1:
             raise ValueError(f"max_batch and segment must be >= 1, got {max_batch}, {segment}")
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
         self.max_batch, self.window = max_batch, batch_window_ms / 1000
         self.segment, self.prefill_chunk = segment, prefill_chunk
         self.min_batch_bucket = min_batch_bucket
@@ -198,7 +199,7 @@ class Engine:
             top_k=value("top_k", 0), top_p=value("top_p", 1.0), seed=value("seed", 0),
             stop_strings=[list(r.stop) for r in batch] + [[]] * pad, thinking_budget=thinking,
             think_ids=self._think_ids, expert_threshold=value("expert_threshold", 0.0), tokenizer=self.tokenizer,
-            prefill_chunk=self.prefill_chunk, min_batch=rows or bucket(n, self.min_batch_bucket),
+            prefill_chunk=self.prefill_chunk, mesh=self.mesh, min_batch=rows or bucket(n, self.min_batch_bucket),
             min_prompt_len=prompt_bucket,
             min_new_tokens=bucket(max(r.max_new_tokens for r in batch), self.min_steps_bucket))
 

@@ -353,11 +353,11 @@ def main(argv: list[str]) -> int:
 
     import uvicorn
 
-    model, tokenizer, name = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype)
+    model, tokenizer, name, mesh = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype, args.mesh)
     limits = Limits(min(args.max_context, model.config.max_position_embeddings), args.max_output_tokens,
                     args.max_body_bytes)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
-                    segment=args.segment, prefill_chunk=args.prefill_chunk).start()
+                    segment=args.segment, prefill_chunk=args.prefill_chunk, mesh=mesh).start()
     try:
         uvicorn.run(create_app(engine, model_id=args.model_id or name, limits=limits), host=args.host,
                     port=args.port)

@@ -12,6 +12,7 @@ another, freshly prefilled batch into finished rows (continuous batching: `splic
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
@@ -25,6 +26,7 @@ from jaxtyping import Array, Bool, Float, Int
 from m1jax.cache import (append_filled, append_rows, cache_capacity, first_used_slot, init_cache, place_rows,
                          resize_cache, shift_cache)
 from m1jax.model import M1Model, forward
+from m1jax.sharding import split_count
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -326,7 +328,9 @@ class Generation:
     `thinking_budget`, `expert_threshold`) take a scalar or one value per row; row i samples with seed
     `seed + i` when `seed` is a scalar, so a row gives the same tokens whatever batch it runs in.
     `min_batch`, `min_prompt_len`, `min_new_tokens` pad the shapes up to buckets, so that servers reuse compiles.
-    `mesh`: create the cache sharded like the activations (for a model whose parameters live on that mesh).
+    `mesh`: run on this mesh (for a model whose parameters live on it, e.g. `from_pretrained(..., mesh=mesh)`): the
+    cache is created sharded like the activations, the model runs under `jax.set_mesh(mesh)` (expert-parallel MoE,
+    per-device lightning kernels), and the batch is padded to a multiple of the mesh's batch split.
     A `cache` passed in is consumed (its buffers are donated to the computation). A row samples with its key
     folded with its own token count, so it gives the same tokens whenever it joins a batch (`join`).
     """
@@ -378,7 +382,8 @@ class Generation:
         self.pad_id = self.stop_token_ids[0] if self.stop_token_ids else 0
 
         # pad to buckets: more rows (done from the start), more left padding, a longer step buffer
-        batch = max(rows, min_batch)
+        self.mesh = mesh
+        batch = self._whole_rows(max(rows, min_batch))
         width = max(tokens.shape[1], min_prompt_len)
         tokens = np.pad(tokens, ((0, batch - rows), (width - tokens.shape[1], 0)), constant_values=self.pad_id)
         mask = np.pad(mask, ((0, batch - rows), (width - mask.shape[1], 0)))
@@ -405,8 +410,9 @@ class Generation:
             need = int(cache["offset"]) + width + self.steps
             if cache_capacity(cache) < need:
                 cache = resize_cache(cache, need)
-        logits, cache, prompt_routing, skipped = prefill(model, cache, tokens, mask, chunk_size=prefill_chunk,
-                                                         expert_threshold=threshold, dispatch=dispatch)
+        with self._on_mesh():
+            logits, cache, prompt_routing, skipped = prefill(model, cache, tokens, mask, chunk_size=prefill_chunk,
+                                                             expert_threshold=threshold, dispatch=dispatch)
         self.prompt_routing = prompt_routing
 
         in_think = np.zeros(batch, bool)
@@ -435,6 +441,14 @@ class Generation:
         self._finished = np.asarray(budget[:rows] <= 0)
         self._reasons: list[str | None] = ["length" if f else None for f in self._finished]
 
+    def _whole_rows(self, rows: int) -> int:
+        """`rows` rounded up to a multiple of the mesh's batch split (every device holds whole rows)."""
+        split = 1 if self.mesh is None else split_count("batch", self.mesh.shape)
+        return -(-rows // split) * split
+
+    def _on_mesh(self):
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
     @property
     def done(self) -> bool:
         return bool(self._finished.all())
@@ -451,7 +465,8 @@ class Generation:
         until = int(self.state.step) + (self.steps if max_tokens is None else max_tokens)
         live = np.flatnonzero(~self._finished)
         mode = sampling_mode(*(a[live] for a in self._sampling))  # the cheapest sampler for the running rows
-        self.state = decode(self.model, self.state, self.params, jnp.int32(until), mode, self.dispatch)
+        with self._on_mesh():
+            self.state = decode(self.model, self.state, self.params, jnp.int32(until), mode, self.dispatch)
         tokens, lengths, done = jax.device_get((self.state.tokens, self.state.length, self.state.done))
         deltas = []
         for i in range(self.rows):
@@ -516,13 +531,14 @@ class Generation:
     def add_rows(self, n: int) -> None:
         """Continuous batching: n more rows (self.rows .. self.rows + n - 1), finished placeholders for `join`.
 
-        The batch's padding rows (`min_batch`) are taken first; past them every per-row array grows by the
-        missing rows (a new batch shape: callers bucket the row count to bound compiles). The other rows generate
+        The batch's padding rows (`min_batch`, mesh rounding) are taken first; past them every per-row array grows
+        by the missing rows, rounded up to whole rows per device (a new batch shape: callers bucket the row count to
+        bound compiles). The other rows generate
         what they would generate without it. Nothing changes if it raises.
         """
         if n < 0:
             raise ValueError(f"add_rows: n must be >= 0, got {n}")
-        extra = self.rows + n - len(self._budget)
+        extra = self._whole_rows(self.rows + n) - len(self._budget)
         state, params, routing = self.state, self.params, self.prompt_routing
         budget, sampling = self._budget, self._sampling
         tokens, mask = self.prompt_tokens, self.prompt_mask
@@ -563,11 +579,11 @@ class Generation:
             raise ValueError(f"join: {len(rows)} rows for the {other.rows} rows of the joining batch")
         if int(other.state.step):
             raise ValueError("join: the joining batch has already been stepped")
-        shared = lambda g: (id(g.model), g.dispatch, g.stop_token_ids, g.pad_id, g._texts is None,
+        shared = lambda g: (id(g.model), g.mesh, g.dispatch, g.stop_token_ids, g.pad_id, g._texts is None,
                             np.asarray(g.params.think_ids).tolist(), int(g.params.vocab_limit))
         if shared(self) != shared(other):
-            raise ValueError("join: the joining batch differs in model, dispatch, stop ids, think ids, vocabulary "
-                             "limit, pad id or tokenizer")
+            raise ValueError("join: the joining batch differs in model, mesh, dispatch, stop ids, think ids, "
+                             "vocabulary limit, pad id or tokenizer")
         cache, new_cache = self.state.cache, other.state.cache
         offset, capacity = int(cache["offset"]), cache_capacity(cache)
         live = np.zeros(len(self._budget), bool)

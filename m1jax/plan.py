@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Mapping, NamedTuple
 
 from m1jax.config import ConfigError, ModelConfig, get_preset
-from m1jax.sharding import (AXES, ShardingError, format_bytes, format_mesh, is_expert_weight, mesh_axes, mesh_shape,
-                            param_table)
+from m1jax.sharding import (AXES, ShardingError, format_bytes, format_mesh, is_expert_weight, mesh_shape,
+                            param_table, parse_mesh, split_count)
 
 DEVICE_MEMORY = {"H100": 80e9, "H200": 141e9}  # bytes of GPU memory, as sold
 
@@ -64,7 +64,7 @@ def fits(nbytes: float) -> str:
 
 
 def format_plan(name: str, config: ModelConfig, plan: MemoryPlan) -> str:
-    ep = math.prod(plan.mesh[a] for a in mesh_axes("experts", plan.mesh))
+    ep = split_count("experts", plan.mesh)
     devices = math.prod(plan.mesh.values())
     rows = [
         ("parameters", plan.parameters),
@@ -86,20 +86,6 @@ def format_plan(name: str, config: ModelConfig, plan: MemoryPlan) -> str:
               f"training (AdamW, without activations): {format_bytes(plan.training)} per device: "
               f"{fits(plan.training)}"]
     return "\n".join(lines)
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-    """"fsdp=8,expert=8" -> {"fsdp": 8, "expert": 8}."""
-    sizes = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        axis, eq, value = item.partition("=")
-        if not eq or axis not in AXES:
-            raise ShardingError(f"--mesh item {item!r}: expected AXIS=SIZE with AXIS one of {AXES}")
-        try:
-            sizes[axis] = int(value)
-        except ValueError:
-            raise ShardingError(f"--mesh item {item!r}: size {value!r} is not an integer") from None
-    return sizes
 
 
 def load_config(spec: str, dtype: str | None) -> ModelConfig:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from typing import Mapping, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -91,6 +91,20 @@ def mesh_shape(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *
     return sizes
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """"fsdp=8,expert=8" -> {"fsdp": 8, "expert": 8} (the --mesh flag of the CLIs; sizes checked by mesh_shape)."""
+    sizes = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        axis, eq, value = item.partition("=")
+        if not eq or axis not in AXES:
+            raise ShardingError(f"--mesh item {item!r}: expected AXIS=SIZE with AXIS one of {AXES}")
+        try:
+            sizes[axis] = int(value)
+        except ValueError:
+            raise ShardingError(f"--mesh item {item!r}: size {value!r} is not an integer") from None
+    return sizes
+
+
 def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ("data", "fsdp", "expert", "tensor") mesh over `devices` (default: all); one size may be -1."""
@@ -119,6 +133,11 @@ def logical_spec(names: Sequence[str | None], mesh_sizes: Mapping[str, int]) -> 
     return PartitionSpec(*(mesh_axes(n, mesh_sizes) or None for n in names))
 
 
+def split_count(name: str | None, mesh_sizes: Mapping[str, int]) -> int:
+    """Into how many parts logical axis `name` is split on a mesh of these sizes."""
+    return math.prod(mesh_sizes[a] for a in mesh_axes(name, mesh_sizes))
+
+
 def check_divisible(what: str, shape: Sequence[int], names: Sequence[str | None],
                     mesh_sizes: Mapping[str, int]) -> None:
     """ShardingError naming the numbers unless every dimension divides the mesh axes it is split over."""
@@ -131,13 +150,57 @@ def check_divisible(what: str, shape: Sequence[int], names: Sequence[str | None]
                                 f"{split} = {parts}")
 
 
+def split_mesh():
+    """The context mesh (`jax.set_mesh`) when it splits work over several devices (not inside a shard_map), else
+    None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or mesh.size == 1 or mesh.are_all_axes_manual else mesh
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Pin an activation to its logical sharding on the context mesh (`jax.set_mesh`); no-op without one."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or mesh.are_all_axes_manual:
+    mesh = split_mesh()
+    if mesh is None:
         return x
     check_divisible(f"activation {tuple(names)} of shape {x.shape}", x.shape, names, mesh.shape)
     return jax.lax.with_sharding_constraint(x, logical_spec(names, mesh.shape))
+
+
+Names = tuple[str | None, ...]
+
+
+def per_device(fn: Callable, in_names: Sequence[Names], out_names: Sequence[Names]) -> Callable:
+    """`fn` run on each device's shards over the context mesh: a `jax.shard_map` whose specs follow these logical
+    names (one tuple per operand and per output); `fn` itself without a multi-device mesh.
+
+    For work that is independent along the split dimensions but that XLA cannot split itself: a Pallas kernel is
+    an opaque custom call, which the partitioner would run whole on every device after gathering its operands.
+    None operands stay None.
+    """
+
+    @functools.wraps(fn)
+    def run(*args):
+        mesh = split_mesh()
+        if mesh is None:
+            return fn(*args)
+        present = [i for i, a in enumerate(args) if a is not None]
+        for i in present:
+            check_divisible(f"operand {i} {tuple(in_names[i])} of shape {args[i].shape}", args[i].shape,
+                            in_names[i], mesh.shape)
+
+        def local(*xs):
+            full = list(args)
+            for i, x in zip(present, xs):
+                full[i] = x
+            return fn(*full)
+
+        spec = lambda names: logical_spec(names, mesh.shape)
+        return jax.shard_map(local, mesh=mesh, in_specs=tuple(spec(in_names[i]) for i in present),
+                             out_specs=tuple(map(spec, out_names)),
+                             check_vma=False,  # Pallas calls declare no varying-axis types for their outputs
+                             )(*(args[i] for i in present))
+
+    return run
 
 
 # ---- parameters ----------------------------------------------------------------------------------
@@ -216,7 +279,7 @@ def param_table(config: ModelConfig, mesh_sizes: Mapping[str, int]) -> list[Para
     rows = []
     for (path, a), n in zip(abstract, names):
         spec = logical_spec(n, sizes)
-        parts = [math.prod(sizes[ax] for ax in mesh_axes(name, sizes)) for name in n]
+        parts = [split_count(name, sizes) for name in n]
         rows.append(ParamInfo("/".join(str(getattr(k, "key", k)) for k in path), tuple(a.shape), np.dtype(a.dtype),
                               n, spec, tuple(d // q for d, q in zip(a.shape, parts))))
     return rows
@@ -253,7 +316,7 @@ def layout_report(config: ModelConfig, mesh_sizes: Mapping[str, int]) -> str:
         f"expert width {split('mlp', config.intermediate_size)}",
         f"  heads {split('heads', config.num_heads)}; KV heads {split('kv_heads', config.num_kv_heads)}; "
         f"hidden dim of parameters {split('embed', config.hidden_size)}",
-        f"  batch split {math.prod(sizes[a] for a in mesh_axes('batch', sizes))} ways over {RULES['batch']}",
+        f"  batch split {split_count('batch', sizes)} ways over {RULES['batch']}",
         f"  parameters per device: {format_bytes(per_device)} of {format_bytes(total)} "
         f"(experts {format_bytes(b['experts_per_device'])}, other {format_bytes(b['other_per_device'])})",
     ])

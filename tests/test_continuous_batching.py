@@ -159,3 +159,34 @@ def test_the_engine_runs_a_lone_request_in_one_row_and_grows_for_a_joiner(model,
         assert results["long"].tokens == same(A, 16)
     finally:
         engine.close()
+
+
+def test_the_engine_on_a_mesh(model):
+    """On a data=2 x tensor=2 mesh every batch holds whole rows per device (a lone request: 1 row padded to 2);
+    a joiner takes the padding row, a second one grows the batch to 4 rows; each equals its unsharded solo run."""
+    import jax
+
+    from m1jax.loading import shard_model
+    from m1jax.sharding import make_mesh
+
+    mesh = make_mesh(data=2, tensor=2, devices=jax.devices()[:4])
+    engine = Engine(shard_model(model, mesh), max_batch=4, segment=4, min_prompt_bucket=32, min_steps_bucket=16,
+                    mesh=mesh).start()
+    results, shapes, done = {}, [], threading.Event()
+    joiners = [Request(C, max_new_tokens=12, temperature=0.0, on_done=lambda r: results.__setitem__("C", r)),
+               Request(M, max_new_tokens=6, temperature=0.0, on_done=lambda r: results.__setitem__("M", r))]
+
+    def on_delta(delta):
+        shapes.append((engine._gen.rows, engine._gen.state.done.shape[0]))
+        if joiners:
+            engine.submit(joiners.pop(0))  # one joins at each of the next two segment boundaries
+
+    try:
+        engine.submit(Request(A, max_new_tokens=16, temperature=0.0, on_delta=on_delta,
+                              on_done=lambda r: (results.__setitem__("A", r), done.set())))
+        assert done.wait(300)
+    finally:
+        engine.close()
+    assert shapes[:3] == [(1, 2), (2, 2), (4, 4)]  # (rows, rows with padding)
+    for name, prompt, n in (("A", A, 16), ("C", C, 12), ("M", M, 6)):
+        assert results[name].tokens == solo(model, prompt, max_new_tokens=n).tokens[0], name

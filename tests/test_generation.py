@@ -283,12 +283,32 @@ def test_cli_streams_the_same_tokens(hf_and_model, greedy1, capsys):
     assert "finish: length" in err and "layer   3:" in err
 
 
-def test_sharded_generation_equals_unsharded(model, greedy3):
+def test_cli_on_a_mesh(hf_and_model, greedy1, capsys):
+    """--mesh shards the model over all 8 devices (one axis filled in); a mesh the model cannot split is refused
+    with the numbers."""
+    from infer.cli import main
+
+    args = ["--model", str(hf_and_model[2]), "--prompt", " ".join(map(str, P1)), "--temperature", "0",
+            "--max-new-tokens", str(NEW)]
+    assert main(args + ["--mesh", "expert=2,tensor=2,data=-1"]) == 0
+    out, err = capsys.readouterr()
+    assert [int(t) for t in out.split()] == greedy1.tokens[0] and "data=2 fsdp=1 expert=2 tensor=2" in err
+    with pytest.raises(SystemExit, match="num_heads=4: dimension 'heads' of size 4 does not divide over mesh axes tensor=8"):
+        main(args + ["--mesh", "tensor=8"])
+    with pytest.raises(SystemExit, match="expected AXIS=SIZE"):
+        main(args + ["--mesh", "model=8"])
+
+
+@pytest.mark.parametrize("sizes", [dict(tensor=2), dict(data=2, expert=2, tensor=2)])
+def test_sharded_generation_equals_unsharded(model, greedy3, sizes):
+    """On a mesh: expert-parallel MoE, per-device lightning kernels, the batch of 3 padded to whole rows per
+    device (4 rows over data x expert)."""
     from m1jax.loading import shard_model
     from m1jax.sharding import make_mesh
 
-    mesh = make_mesh(tensor=2, devices=jax.devices()[:2])
+    mesh = make_mesh(**sizes, devices=jax.devices()[:2 * sizes.get("data", 1) * sizes.get("expert", 1)])
     out = m1jax.generate(shard_model(model, mesh), [P1, P2, P3], max_new_tokens=NEW, mesh=mesh)
     assert out.tokens == greedy3.tokens
     np.testing.assert_allclose(out.logprobs, greedy3.logprobs, atol=1e-5)
-    assert out.cache["layers"][0].sharding.spec[2] == "tensor"  # lightning heads split over the tensor axis
+    state = out.cache["layers"][0]  # a lightning state [cycles, batch, heads, D, D]
+    assert state.shape[1] == (4 if "data" in sizes else 3) and state.sharding.spec[2] == "tensor"

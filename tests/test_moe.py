@@ -69,10 +69,11 @@ def assert_matches_dense(mesh, dispatch, x, w, weights, experts, mask=None):
         assert rel_err(g, g_ref) < 1e-5, name
 
 
-@pytest.mark.parametrize("shape", [dict(expert=8), dict(data=2, expert=2, tensor=2)])
+@pytest.mark.parametrize("shape", [dict(expert=8), dict(data=2, expert=2, tensor=2), dict(data=4, tensor=2)])
 def test_dropless_under_adversarial_routing(shape):
     """Every token picks experts 0 and 1 (both on device 0 when ep=8): device 0 receives the worst case,
-    the other experts get no tokens; 60 tokens do not divide the 8 token shards (padding path)."""
+    the other experts get no tokens; 60 tokens do not divide the token shards (padding path). With expert=1
+    nothing travels (the local path)."""
     e = 16
     x, weights, _ = routed(60, e)
     experts = jnp.broadcast_to(jnp.array([1, 0]), (60, 2))
@@ -122,14 +123,15 @@ def capacity_reference(x, w, weights, experts, mask, shards, capacity):
     return experts_dense(x, *w, jnp.where(keep, weights, 0.0), experts, jax.nn.silu), dropped
 
 
-def test_capacity_factor_drops_and_counts():
-    e, t, shards = 8, 64, 8  # mesh data=2 x expert=4: 8 token shards of 8 tokens
+@pytest.mark.parametrize("shape", [dict(data=2, expert=4), dict(data=8)])
+def test_capacity_factor_drops_and_counts(shape):
+    e, t, shards = 8, 64, 8  # 8 token shards of 8 tokens (data=8: every expert local, nothing travels)
     x, weights, experts = routed(t, e, seed=5)
     experts = experts.at[::3].set(jnp.array([0, 1]))  # overload experts 0 and 1
     mask = jnp.ones(t, bool).at[5].set(False)  # a padding token takes no capacity and is not counted
     w = experts_weights(e)
     capacity = math.ceil(1.0 * (t // shards) * 2 / e)
-    y, dropped, _ = ep_and_grads(make_mesh(data=2, expert=4), ExpertParallel(capacity_factor=1.0), x, w, weights,
+    y, dropped, _ = ep_and_grads(make_mesh(**shape), ExpertParallel(capacity_factor=1.0), x, w, weights,
                                  experts, mask)
     y_ref, dropped_ref = capacity_reference(x, w, weights, experts, mask, shards, capacity)
     assert dropped_ref > 0 and float(dropped) == dropped_ref

@@ -4,6 +4,7 @@ Golden listings: regenerate with `M1JAX_UPDATE_GOLDEN=1 python -m pytest tests/t
 after an intended change to the rules, and review the diff.
 """
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from jax.sharding import AxisType
 
 from m1jax import sharding
+from m1jax.cache import init_cache
 from m1jax.config import ModelConfig, get_preset
 from m1jax.layers.moe_ep import ExpertParallel
 from m1jax.loading import from_pretrained, shard_model
@@ -131,6 +133,41 @@ def test_sharded_model_matches_single_device(reference, sizes, scan):
     for (path, g), g_ref in zip(flat, flat_ref):
         err = float(jnp.abs(g - g_ref).max() / jnp.abs(g_ref).max())
         assert err <= 1e-5, (jax.tree_util.keystr(path), err)
+
+
+def pallas_sites(jaxpr, inside=False):
+    """For every pallas_call in a jaxpr (nested ones included): whether it runs inside a shard_map."""
+    for eqn in jaxpr.eqns:
+        if "pallas_call" in eqn.primitive.name:
+            yield inside
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                sub = getattr(sub, "jaxpr", sub)
+                if isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from pallas_sites(sub, inside or eqn.primitive.name == "shard_map")
+
+
+def test_lightning_kernels_run_per_device():
+    """Under a mesh every lightning Pallas call (prefill and decode step) runs in a shard_map on the device's own
+    rows and heads: XLA would otherwise gather the operands and run the opaque kernel whole on every device.
+    Prefill logits and the decode step's logits equal the single-device ones (Pallas GPU kernels, interpret mode)."""
+    config = dataclasses.replace(CONFIG, lightning_impl="pallas_gpu", block_size=16)
+    model = init_model(config, seed=0)
+    ids = jax.random.randint(jax.random.key(1), (4, 24), 0, config.vocab_size)
+    mesh = make_mesh(data=2, tensor=2, devices=jax.devices()[:4])
+
+    def prefill_then_step(model, cache):
+        first = forward(model, ids[:, :-1], cache=cache)
+        return first.logits, forward(model, ids[:, -1:], cache=first.cache).logits
+
+    want = prefill_then_step(model, init_cache(config, 4, 24))
+    with jax.set_mesh(mesh):
+        sharded, cache = shard_model(model, mesh), init_cache(config, 4, 24, mesh=mesh)
+        got = prefill_then_step(sharded, cache)
+        sites = list(pallas_sites(jax.make_jaxpr(prefill_then_step)(sharded, cache).jaxpr))
+    assert len(sites) >= 2 and all(sites)  # at least one prefill kernel and the decode step
+    for g, w in zip(got, want):
+        assert float(jnp.abs(g - w).max()) <= 1e-5 * float(jnp.abs(w).max())
 
 
 # ---- memory plan ----------------------------------------------------------------------------------

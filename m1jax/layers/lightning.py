@@ -1,6 +1,8 @@
 """Lightning attention layer (architecture.md §5): fused per-head qkv, activation, decayed linear attention,
 joint RMSNorm (eps 1e-6) over all heads, sigmoid output gate from the layer input, output projection."""
 
+import functools
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ from jaxtyping import Array, Float, Int
 from m1jax.config import ModelConfig, alibi_slopes
 from m1jax.layers.common import ACTIVATIONS, dense_param
 from m1jax.layers.norms import rms_norm
+from m1jax.sharding import per_device
 from pallas_kernels import lightning_attention, lightning_decode_step
 
 
@@ -22,6 +25,17 @@ def lightning_slopes(config: ModelConfig) -> np.ndarray:
     layers = np.arange(config.num_layers, dtype=np.float64)
     factor = 1 - layers / (config.num_layers - 1) + 1e-5 if config.num_layers > 1 else np.full(1, 1 + 1e-5)
     return (sigma[None, :] * factor[:, None]).astype(np.float32)
+
+
+# Logical names of the kernels' operands: heads are independent, so each device runs them on its own shards
+SEQUENCE = ("batch", "length", "heads", None)  # q, k, v, out [batch, seq, heads, head_dim]
+TOKEN = ("batch", "heads", None)  # one decode token
+STATE = ("batch", "heads", None, None)
+
+
+def _attend(q, k, v, slopes, state, segment_ids, *, impl, chunk):
+    return lightning_attention(q, k, v, slopes, initial_state=state, segment_ids=segment_ids, impl=impl,
+                               chunk_size=chunk)
 
 
 class LightningAttention(nnx.Module):
@@ -52,12 +66,14 @@ class LightningAttention(nnx.Module):
             m = token_mask[:, :, None, None].astype(q.dtype)
             q, k, v = q * m, k * m, v * m
         if n == 1 and state is not None:  # a decode step: one state update, no chunk padding
-            o, new_state = lightning_decode_step(q[:, 0], k[:, 0], v[:, 0], slopes, state,
-                                                 impl=cfg.lightning_impl)
+            step = per_device(functools.partial(lightning_decode_step, impl=cfg.lightning_impl),
+                              (TOKEN, TOKEN, TOKEN, ("heads",), STATE), (TOKEN, STATE))
+            o, new_state = step(q[:, 0], k[:, 0], v[:, 0], slopes, state)
             o = o[:, None]
         else:
-            o, new_state = lightning_attention(q, k, v, slopes, initial_state=state, segment_ids=segment_ids,
-                                               impl=cfg.lightning_impl, chunk_size=cfg.block_size)
+            o, new_state = per_device(functools.partial(_attend, impl=cfg.lightning_impl, chunk=cfg.block_size),
+                                      (SEQUENCE, SEQUENCE, SEQUENCE, ("heads",), STATE, ("batch", "length")),
+                                      (SEQUENCE, STATE))(q, k, v, slopes, state, segment_ids)
         y = rms_norm(o.reshape(b, n, -1), self.norm[...], cfg.lightning_norm_eps)
         gate = jax.nn.sigmoid(h @ self.output_gate[...])
         return (gate * y) @ self.out_proj[...], new_state

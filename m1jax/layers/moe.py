@@ -15,7 +15,7 @@ from jaxtyping import Array, Float, Int
 
 from m1jax.config import ModelConfig
 from m1jax.layers.common import ACTIVATIONS, dense_param, fp32_matmul
-from m1jax.layers.moe_ep import resolve_dispatch
+from m1jax.layers.moe_ep import grouped_swiglu, resolve_dispatch
 from pallas_kernels import grouped_matmul
 from pallas_kernels.expert_matmul import expert_matmul
 
@@ -74,8 +74,8 @@ def experts_ragged(x, w1, w3, w2, weights, experts, act, grouped_matmul=grouped_
     token_of = order // k
     xs = x[token_of]
     sizes = jnp.bincount(flat, length=w1.shape[0]).astype(jnp.int32)
-    h = act(grouped_matmul(xs, w1, sizes)) * grouped_matmul(xs, w3, sizes)
-    y = grouped_matmul(h, w2, sizes).astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+    y = grouped_swiglu(xs, w1, w3, w2, sizes, act, grouped_matmul).astype(jnp.float32)
+    y = y * weights.reshape(-1)[order][:, None]
     return jax.ops.segment_sum(y, token_of, num_segments=t).astype(x.dtype)
 
 

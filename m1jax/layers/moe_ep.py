@@ -9,7 +9,8 @@ One `jax.shard_map` over the whole context mesh. Each device holds a block of to
      ragged-all-to-all); both land the rows in the same [source device, slot] layout,
   3. regroups the received rows by local expert and runs the SwiGLU with three grouped matmuls,
   4. sends the results back the same way, weights each copy and sums a token's copies (psum over tensor).
-Dropless by default: the receive buffer holds the worst case, ep * tokens * min(top_k, E/ep) rows.
+Dropless by default: the receive buffer holds the worst case, ep * tokens * min(top_k, E/ep) rows. Where the
+expert axis has size 1 (data, fsdp or tensor parallel meshes), steps 2-4's exchange and regrouping are skipped.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
-from m1jax.sharding import ShardingError, logical_spec, mesh_axes
+from m1jax.sharding import ShardingError, logical_spec, mesh_axes, split_count
 
 TRANSPORTS = ("auto", "ragged", "padded")
 
@@ -52,7 +53,7 @@ def resolve_dispatch(dispatch: "str | ExpertParallel") -> "str | ExpertParallel"
         return ExpertParallel()
     if dispatch == "auto":
         return "ragged"
-    ep = math.prod(mesh.shape[a] for a in mesh_axes("experts", mesh.shape)) if multi else 1
+    ep = split_count("experts", mesh.shape) if multi else 1
     if ep > 1:
         raise ShardingError(f"dispatch={dispatch!r} runs on one device, but the mesh splits the experts over "
                             f"{ep} devices; use dispatch='ep' (or 'auto')")
@@ -103,14 +104,12 @@ class ExpertParallel:
         if num_experts % ep:
             raise ShardingError(f"num_experts={num_experts} does not divide over mesh axes {expert_axes} = {ep}")
         transport = self.transport
-        if not expert_axes:
-            transport = "padded"  # nothing travels
-        elif transport == "auto":
+        if transport == "auto":
             platform = getattr(mesh.abstract_device, "platform", None) or jax.default_backend()
             transport = "padded" if platform == "cpu" else "ragged"
 
         t = x.shape[0]
-        pad = -t % math.prod(mesh.shape[a] for a in token_axes)  # padded tokens are masked: they never leave
+        pad = -t % split_count("tokens", mesh.shape)  # padded tokens are masked: they never leave
         if pad:
             x, weights, experts = (jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)) for a in (x, weights, experts))
             token_mask = jnp.pad(token_mask, (0, pad))
@@ -156,21 +155,23 @@ def _expert_parallel_local(x, weights, experts, token_mask, w1, w3, w2, *, act, 
     token_of = order // k
     rows = x[token_of]  # [copies, d]: the first sum(kept) rows are sent, grouped by expert
 
-    # 2. exchange: counts first, then rows into the [source device, slot_rows] layout
-    send = kept.reshape(ep, el)
-    recv = _all_to_all(send, expert_axes)  # recv[s, j]: rows device s sends to my local expert j
-    received, send_back = _TRANSPORTS[transport](rows, send.sum(1), recv.sum(1), slot_rows, expert_axes)
+    if ep == 1:  # every expert is here: nothing travels, and the sent rows are already grouped by expert
+        back = grouped_swiglu(rows, w1, w3, w2, kept, act, grouped_matmul)
+    else:
+        # 2. exchange: counts first, then rows into the [source device, slot_rows] layout
+        send = kept.reshape(ep, el)
+        recv = _all_to_all(send, expert_axes)  # recv[s, j]: rows device s sends to my local expert j
+        received, send_back = _TRANSPORTS[transport](rows, send.sum(1), recv.sum(1), slot_rows, expert_axes)
 
-    # 3. regroup by local expert (empty slots last), grouped SwiGLU, back to slot order
-    local_expert = jax.vmap(lambda c: jnp.searchsorted(c, jnp.arange(slot_rows), side="right"))(jnp.cumsum(recv, 1))
-    regroup = jnp.argsort(local_expert.reshape(-1), stable=True)
-    sizes = recv.sum(0)
-    xr = received[regroup]
-    h = act(grouped_matmul(xr, w1, sizes)) * grouped_matmul(xr, w3, sizes)
-    out = jnp.zeros_like(xr).at[regroup].set(grouped_matmul(h, w2, sizes))
+        # 3. regroup by local expert (empty slots last), grouped SwiGLU, back to slot order, return trip
+        local_expert = jax.vmap(lambda c: jnp.searchsorted(c, jnp.arange(slot_rows), side="right"))(
+            jnp.cumsum(recv, 1))
+        regroup = jnp.argsort(local_expert.reshape(-1), stable=True)
+        xr = received[regroup]
+        out = jnp.zeros_like(xr).at[regroup].set(grouped_swiglu(xr, w1, w3, w2, recv.sum(0), act, grouped_matmul))
+        back = send_back(out)  # [copies, d], in `order`
 
-    # 4. return trip, routing weights, sum each token's copies
-    back = send_back(out)  # [copies, d], in `order`
+    # 4. routing weights, sum each token's copies
     sent = jnp.arange(copies) < jnp.sum(kept)
     w = jnp.where(sent, weights.reshape(-1)[order], 0.0)
     y = jax.ops.segment_sum(jnp.where(sent[:, None], back, 0).astype(jnp.float32) * w[:, None], token_of,
@@ -178,6 +179,12 @@ def _expert_parallel_local(x, weights, experts, token_mask, w1, w3, w2, *, act, 
     if width_axes:  # each device summed over its slice of the expert width
         y = jax.lax.psum(y, width_axes)
     return y.astype(x.dtype), jax.lax.psum(dropped, token_axes) if token_axes else dropped
+
+
+def grouped_swiglu(x, w1, w3, w2, sizes, act, grouped_matmul):
+    """The experts' SwiGLU over rows grouped by expert (sizes[j] rows for local expert j, then unused rows)."""
+    h = act(grouped_matmul(x, w1, sizes)) * grouped_matmul(x, w3, sizes)
+    return grouped_matmul(h, w2, sizes)
 
 
 def _all_to_all(a, axes):
