@@ -1,7 +1,9 @@
-"""`from_pretrained`: a preset, a Hugging Face safetensors directory, or an orbax checkpoint -> M1Model."""
+"""`from_pretrained`: a preset, a Hugging Face safetensors directory, or an orbax checkpoint -> M1Model;
+`save_pretrained`: a (small) model -> a Hugging Face safetensors directory."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -46,6 +48,32 @@ def from_pretrained(source: str | Path | None = None, *, dtype: str | None = Non
     model = abstract_model(config)
     shardings = None if mesh is None else param_shardings(config, mesh)
     return with_params(model, restore(config, shardings))
+
+
+def save_pretrained(model: M1Model, directory: str | Path, *, tokenizer=None, storage_dtype: str | None = None
+                    ) -> Path:
+    """config.json + model.safetensors (the original HF tensor names) [+ the tokenizer] in `directory`, which
+    `from_pretrained` and transformers read. One file gathered on the host: for small models (the full M1 goes
+    through `m1jax convert orbax-to-hf`). `storage_dtype` (e.g. "bfloat16") stores the weights in that dtype,
+    except the router (fp32 in M1); config.json keeps the model's dtype, so loading casts back."""
+    import ml_dtypes
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from m1jax.weights import iter_hf_tensors
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    stored = None if storage_dtype is None else np.dtype(getattr(ml_dtypes, storage_dtype, storage_dtype))
+    params = jax.tree.map(np.asarray, params_of(model))
+    tensors = {name: t if stored is None or name.endswith("block_sparse_moe.gate.weight") else t.astype(stored)
+               for name, t in iter_hf_tensors(params, model.config)}
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "model.safetensors").chmod(0o644)  # safetensors creates it owner-only
+    (directory / "config.json").write_text(json.dumps(model.config.to_hf(), indent=1) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory
 
 
 def _with(config: ModelConfig, dtype: str | None, overrides: dict) -> ModelConfig:

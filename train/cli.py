@@ -1,6 +1,7 @@
 """`m1jax train`: train from a config file, or prepare a token directory.
 
     m1jax train --config train/configs/tiny.yaml [section.key=value ...]
+    m1jax train rl --config train/configs/arithmetic_rl.yaml [section.key=value ...]   (CISPO from rewards)
     m1jax train prepare corpus.jsonl --tokenizer tokenizer.json --out data/corpus
     m1jax train recipe arithmetic [--out DIR] [--install]     (the default model's recipe)
 """
@@ -18,7 +19,10 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["recipe"]:
         from train.recipes import main as recipe_main
         return recipe_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="m1jax train", description=__doc__,
+    rl = argv[:1] == ["rl"]
+    if rl:
+        argv = argv[1:]
+    parser = argparse.ArgumentParser(prog="m1jax train rl" if rl else "m1jax train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a YAML/JSON training config (see train/configs/)")
     parser.add_argument("overrides", nargs="*", help="section.key=value changes, e.g. run.steps=100")
@@ -28,6 +32,8 @@ def main(argv: list[str]) -> int:
     from train.data import DataError
     from train.loop import NonFiniteLossError, train
 
+    if rl:
+        from train.rl import train_rl as train
     try:
         result = train(TrainConfig.load(args.config, args.overrides))
     except (TrainConfigError, DataError, NonFiniteLossError) as e:

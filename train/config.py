@@ -5,6 +5,7 @@
     optim:  AdamW (the M1 report's b2=0.95, eps=1e-15 are the defaults), schedule, clipping
     loss:   MoE load-balancing and router z-loss coefficients
     run:    steps, seed, output directory, precision, remat, mesh, checkpoint and logging cadence
+    rl:     rollouts and the CISPO objective of `m1jax train rl` (unused by supervised training)
 """
 
 from __future__ import annotations
@@ -75,8 +76,21 @@ class RunSection:
     progress: bool = True
 
 
+@dataclasses.dataclass(frozen=True)
+class RLSection:
+    """`m1jax train rl` (CISPO, train/rl.py): run.steps counts optimizer updates, `updates` per rollout batch."""
+
+    task: str = "arithmetic"  # prompts and a verifiable reward (train.rl.TASKS)
+    prompts: int = 16  # prompts per rollout batch
+    group_size: int = 8  # completions sampled per prompt; advantages are relative within the group
+    max_new_tokens: int = 64
+    updates: int = 4  # optimizer updates per rollout batch, on all of it (M1: 16 off-policy rounds)
+    eps_high: float = 4.0  # IS weight cap: sg(min(r, 1 + eps_high)); M1 does not disclose its value
+    eps_low: float | None = None  # lower cap 1 - eps_low; None: no lower bound (M1)
+
+
 SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "loss": LossSection,
-            "run": RunSection}
+            "run": RunSection, "rl": RLSection}
 SCHEDULES = ("cosine", "constant")
 REMAT = ("none", "full", "dots", "sublayers")
 
@@ -88,6 +102,7 @@ class TrainConfig:
     optim: OptimSection = OptimSection()
     loss: LossSection = LossSection()
     run: RunSection = RunSection()
+    rl: RLSection = RLSection()
 
     def __post_init__(self):
         self.validate()
@@ -163,6 +178,11 @@ class TrainConfig:
         need(r.remat in REMAT, "run.remat", f"{r.remat!r} not in {REMAT}")
         for name in ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_nonfinite"):
             need(getattr(r, name) > 0, f"run.{name}", f"must be positive, got {getattr(r, name)}")
+        rl = self.rl
+        for name in ("prompts", "group_size", "max_new_tokens", "updates"):
+            need(getattr(rl, name) > 0, f"rl.{name}", f"must be positive, got {getattr(rl, name)}")
+        need(rl.eps_high > 0 and (rl.eps_low is None or 0 < rl.eps_low <= 1), "rl",
+             f"need eps_high > 0 and eps_low null or in (0, 1], got {rl.eps_high}, {rl.eps_low}")
 
 
 def apply_overrides(d: dict, overrides: list[str]) -> dict:

@@ -37,7 +37,7 @@ class RunResult(NamedTuple):
     state: TrainState
 
 
-class _StopSignal:
+class StopSignal:
     """Remembers SIGTERM/SIGINT instead of dying mid-step; restores the previous handlers on exit."""
 
     def __init__(self):
@@ -120,7 +120,7 @@ def train(tcfg: TrainConfig, *, until: int | None = None) -> RunResult:
         shape = (tcfg.data.batch_size, tcfg.data.seq_len)
         return jax.make_array_from_process_local_data(trainer.batch_sharding, x, shape)
 
-    with _StopSignal() as stop:
+    with StopSignal() as stop:
         try:
             saved = step
             batch, after = next(batches), batches.state

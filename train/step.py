@@ -73,13 +73,17 @@ def target_mask(segment_ids: Int[Array, "batch seq"], loss_mask: Bool[Array, "ba
     return (same_doc & loss_mask[:, 1:]).astype(jnp.float32)
 
 
+def token_logprobs(logits: Float[Array, "batch seq vocab"], tokens: Int[Array, "batch seq"]) -> Float[Array, "batch seq-1"]:
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) from the logits (fp32; position t predicts token t+1)."""
+    logits = logits[:, :-1].astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
 def cross_entropy_sum(logits: Float[Array, "batch seq vocab"], input_ids: Int[Array, "batch seq"],
                       targets: Float[Array, "batch seq-1"]) -> Float[Array, ""]:
     """Summed next-token negative log-likelihood (fp32) over the positions where `targets` (target_mask) is 1."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    target = jnp.take_along_axis(logits, input_ids[:, 1:, None], axis=-1)[..., 0]
-    nll = jax.nn.logsumexp(logits, axis=-1) - target
-    return jnp.sum(nll * targets)
+    return -jnp.sum(token_logprobs(logits, input_ids) * targets)
 
 
 def cast_for_compute(params: dict, dtype) -> dict:
@@ -138,31 +142,42 @@ def loss_and_grads(model: M1Model, tcfg: TrainConfig, params: dict, input_ids, s
     return loss, terms, grads
 
 
-def train_step(model: M1Model, tcfg: TrainConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               state: TrainState, input_ids, segment_ids, loss_mask) -> tuple[TrainState, dict]:
-    loss, terms, grads = loss_and_grads(model, tcfg, state.params, input_ids, segment_ids, loss_mask)
-    targets = jnp.sum(target_mask(segment_ids, loss_mask))
+def apply_update(tx: optax.GradientTransformation, schedule: optax.Schedule, state: TrainState, loss, grads
+                 ) -> tuple[TrainState, dict]:
+    """One optimizer update, skipped (parameters and optimizer state kept) when the loss or the gradient norm is
+    not finite; metrics grad_norm, lr and skipped."""
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    metrics = {"grad_norm": grad_norm, "lr": schedule(state.opt_state["lr"].count),
+               "skipped": 1 - ok.astype(jnp.int32)}
+    return TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state)), metrics
+
+
+def expert_load(expert_tokens: Float[Array, "layers experts"]) -> dict:
+    """Busiest expert / mean expert per layer: the worst layer's and the mean over layers."""
+    ratio = jnp.max(expert_tokens, axis=1) / jnp.maximum(jnp.mean(expert_tokens, axis=1), 1e-9)
+    return {"expert_load_max": jnp.max(ratio), "expert_load_mean": jnp.mean(ratio)}
+
+
+def train_step(model: M1Model, tcfg: TrainConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
+               state: TrainState, input_ids, segment_ids, loss_mask) -> tuple[TrainState, dict]:
+    loss, terms, grads = loss_and_grads(model, tcfg, state.params, input_ids, segment_ids, loss_mask)
+    targets = jnp.sum(target_mask(segment_ids, loss_mask))
+    state, update = apply_update(tx, schedule, state, loss, grads)
     accum = tcfg.data.grad_accum
-    load = terms.expert_tokens  # [layers, experts], summed over micro-batches
-    load_ratio = jnp.max(load, axis=1) / jnp.maximum(jnp.mean(load, axis=1), 1e-9)
     metrics = {
         "loss": loss,
         "ce": terms.ce_sum / jnp.maximum(targets, 1.0),
         "aux_loss": terms.aux / accum,
         "z_loss": terms.z / accum,
-        "grad_norm": grad_norm,
-        "lr": schedule(state.opt_state["lr"].count),
+        **update,
         "target_tokens": targets,
-        "expert_load_max": jnp.max(load_ratio),  # busiest expert / mean expert, worst layer
-        "expert_load_mean": jnp.mean(load_ratio),  # ... averaged over layers
-        "skipped": 1 - ok.astype(jnp.int32),
+        **expert_load(terms.expert_tokens),  # summed over micro-batches
     }
-    return TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state)), metrics
+    return state, metrics
 
 
 class Trainer(NamedTuple):
@@ -175,6 +190,8 @@ class Trainer(NamedTuple):
     state_shardings: TrainState
     batch_sharding: NamedSharding
     abstract_state: TrainState  # ShapeDtypeStructs with shardings, for restoring checkpoints
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
 
 
 def make_trainer(config: ModelConfig, tcfg: TrainConfig, mesh: Mesh) -> Trainer:
@@ -209,7 +226,7 @@ def make_trainer(config: ModelConfig, tcfg: TrainConfig, mesh: Mesh) -> Trainer:
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             jax.eval_shape(init, params_of(model)), shardings)
     return Trainer(config, on_mesh(mesh, random_params), on_mesh(mesh, init), on_mesh(mesh, step), shardings,
-                   batch_sharding, abstract)
+                   batch_sharding, abstract, tx, schedule)
 
 
 def on_mesh(mesh: Mesh, fn: Callable) -> Callable:

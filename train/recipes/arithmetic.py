@@ -144,23 +144,10 @@ def evaluate(model, tok, task: Task, n: int | None = None, batch: int = 250) -> 
 
 def export(model, tok, out_dir: Path, report: dict) -> Path:
     """config.json + model.safetensors (original HF names, bf16 storage) + tokenizer.json + recipe.json."""
-    import jax
-    import ml_dtypes
-    from safetensors.numpy import save_file
+    from m1jax.loading import save_pretrained
 
-    from m1jax.model import params_of
-    from m1jax.weights import iter_hf_tensors
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = model.config
-    params = jax.tree.map(np.asarray, params_of(model))
     # bf16 storage keeps the file small; the config says float32, so loading upcasts and computes in fp32.
-    tensors = {name: t if name.endswith("block_sparse_moe.gate.weight") else t.astype(ml_dtypes.bfloat16)
-               for name, t in iter_hf_tensors(params, config)}  # the router stays fp32, as in M1
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "model.safetensors").chmod(0o644)  # safetensors creates it owner-only
-    (out_dir / "config.json").write_text(json.dumps(config.to_hf(), indent=1) + "\n")
-    tok.save(out_dir)
+    save_pretrained(model, out_dir, tokenizer=tok, storage_dtype="bfloat16")
     (out_dir / "recipe.json").write_text(json.dumps(report, indent=1) + "\n")
     return out_dir
 
