@@ -7,8 +7,9 @@ When nothing runs, the first request starts a new batch with those that arrive w
 runs join at the next segment boundary, taking the rows of finished ones: the newcomers are prefilled on their own
 (one batch of them, bucketed shapes) and spliced in with `Generation.join`, which says where their cache goes and
 when it grows. When they need more rows than are free, the batch first grows (`Generation.add_rows`) to the next
-power of two that holds every running request and newcomer, at most `bucket(max_batch, min_batch_bucket)` rows;
-the batch shrinks only by ending (its cache is freed when its last request finishes). A row produces the same
+power of two that holds every running request and newcomer, at most `bucket(max_batch, min_batch_bucket)` rows.
+When the running requests fit in half the rows or fewer, the batch shrinks to their bucket (`Generation.keep_rows`);
+its cache is freed when its last request finishes. A row produces the same
 tokens whenever it joins and whatever the batch size. At most `max_batch` requests run at once; the others wait
 (first come, first served). With `mesh` (a model whose parameters live on it), every batch runs on that mesh, its
 rows padded to whole rows per device (`Generation`).
@@ -72,8 +73,8 @@ class Engine:
         self.min_batch_bucket = min_batch_bucket
         self.min_prompt_bucket, self.min_steps_bucket = min_prompt_bucket, min_steps_bucket
         self.rows = bucket(max_batch, min_batch_bucket)  # the most rows of the running batch
-        # batches: started from idle; joined: requests that joined a running batch; grown: row-count growths
-        self.stats = {"batches": 0, "requests": 0, "joined": 0, "grown": 0, "largest_batch": 0}
+        # batches: started from idle; joined: requests that joined a running batch; grown/shrunk: row-count changes
+        self.stats = {"batches": 0, "requests": 0, "joined": 0, "grown": 0, "shrunk": 0, "largest_batch": 0}
         ids = None if tokenizer is None else (tokenizer.token_to_id(THINK_OPEN), tokenizer.token_to_id(THINK_CLOSE))
         self._think_ids = None if ids is None or None in ids else ids
         self._queue: queue.Queue[Request | None] = queue.Queue()
@@ -230,8 +231,24 @@ class Engine:
                          "skipped": out.routing.skipped[k].tolist()},
                 batch_size=self._peers[i]))
             owners[i] = None
-        if not self._running():
+        running = self._running()
+        if not running:
             self._gen, self._owners = None, []  # free the cache; the next request starts afresh
+        elif bucket(running, self.min_batch_bucket) <= len(owners) // 2:
+            self._shrink(bucket(running, self.min_batch_bucket))
+
+    def _shrink(self, rows: int) -> None:
+        """Compact the running batch to `rows` rows: the running requests first, then free rows."""
+        owners = self._owners
+        keep = [i for i, r in enumerate(owners) if r is not None]
+        keep += [i for i, r in enumerate(owners) if r is None][:rows - len(keep)]
+        try:
+            self._gen.keep_rows(keep)
+        except BaseException as e:  # noqa: BLE001 - keep_rows changes nothing when it raises: go on unshrunk
+            traceback.print_exception(e)
+            return
+        self._owners, self._peers = [owners[i] for i in keep], [self._peers[i] for i in keep]
+        self.stats["shrunk"] += 1
 
     def _fail(self, requests: list[Request], error: BaseException, reset: bool = False) -> None:
         traceback.print_exception(error)

@@ -181,15 +181,24 @@ def append_filled(x: Array, n: int, axis: int = 0, value=0) -> Array:
     return jnp.concatenate([x, jnp.full(x.shape[:axis] + (n,) + x.shape[axis + 1:], value, x.dtype)], axis)
 
 
+def _map_rows(cache: dict, fn) -> dict:
+    """`cache` with fn(leaf, batch axis) applied to every per-row leaf (the offset is shared)."""
+    layers = {j: tuple(fn(a, 1) for a in c) if isinstance(c, tuple) else fn(c, 1) for j, c in cache["layers"].items()}
+    return {**cache, "layers": layers, "key_valid": fn(cache["key_valid"], 0),
+            "next_position": fn(cache["next_position"], 0)}
+
+
 @functools.partial(jax.jit, static_argnames=("n",))
 def append_rows(cache: dict, n: int) -> dict:
     """The cache with n empty rows appended along the batch axis (zero states and KV, no valid slots, position
     0), for `place_rows` to fill; the other rows and the offset stay."""
-    more = lambda x, axis: append_filled(x, n, axis)
-    layers = {j: tuple(more(a, 1) for a in c) if isinstance(c, tuple) else more(c, 1)
-              for j, c in cache["layers"].items()}
-    return {**cache, "layers": layers, "key_valid": more(cache["key_valid"], 0),
-            "next_position": more(cache["next_position"], 0)}
+    return _map_rows(cache, lambda x, axis: append_filled(x, n, axis))
+
+
+@jax.jit
+def take_rows(cache: dict, rows: Int[Array, " n"]) -> dict:
+    """The cache of rows `rows` of `cache`, in that order (a smaller batch); the offset stays."""
+    return _map_rows(cache, lambda x, axis: jnp.take(x, rows, axis=axis))
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from m1jax.cache import (append_filled, append_rows, cache_capacity, first_used_slot, init_cache, place_rows,
+from m1jax.cache import (append_filled, append_rows, cache_capacity, first_used_slot, init_cache, place_rows, take_rows,
                          resize_cache, shift_cache)
 from m1jax.model import M1Model, forward
 from m1jax.sharding import split_count
@@ -246,6 +246,18 @@ def append_free_rows(state: DecodeState, params: DecodeParams, prompt_routing: I
         budget=more(params.budget), think_budget=more(params.think_budget, -1),
         expert_threshold=more(params.expert_threshold))
     return state, params, more(prompt_routing)
+
+
+@jax.jit
+def keep_state_rows(state: DecodeState, params: DecodeParams, prompt_routing: Int[Array, "batch layers experts"],
+                    rows: Int[Array, " n"]) -> tuple[DecodeState, DecodeParams, Array]:
+    """(state, params, prompt_routing) of rows `rows` only, in that order; the shared fields stay."""
+    take = lambda x: x[rows]
+    per_row = jax.tree.map(take, state._replace(cache=None, step=None))
+    state = per_row._replace(cache=take_rows(state.cache, rows), step=state.step)
+    params = params._replace(sampling=jax.tree.map(take, params.sampling), budget=take(params.budget),
+                             think_budget=take(params.think_budget), expert_threshold=take(params.expert_threshold))
+    return state, params, take(prompt_routing)
 
 
 # ---- host driver ---------------------------------------------------------------------------------------
@@ -557,6 +569,28 @@ class Generation:
         if self._texts is not None:
             self._texts += [_RowText(self.tokenizer, []) for _ in range(n)]
         self.rows += n
+
+    def keep_rows(self, rows: Sequence[int]) -> None:
+        """Continuous batching: keep only these rows, renumbered 0.. in this order, and drop the others, which must
+        be finished: the batch shrinks (a new batch shape: callers bucket the row count to bound compiles). The
+        kept rows generate what they would generate without it. Nothing changes if it raises."""
+        rows = [int(i) for i in rows]
+        dropped = sorted(set(range(len(self._budget))) - set(rows))
+        live = [i for i in dropped if i < self.rows and not self._finished[i]]
+        if live or len(set(rows)) != len(rows) or not all(0 <= i < self.rows for i in rows) or not rows:
+            raise ValueError(f"keep_rows: rows {rows} must be distinct rows of this batch (of {self.rows}), and every "
+                             f"row dropped must be finished; running and dropped: {live}")
+        index = np.asarray(rows + dropped[:self._whole_rows(len(rows)) - len(rows)])  # finished rows as padding
+        self.state, self.params, self.prompt_routing = keep_state_rows(self.state, self.params, self.prompt_routing,
+                                                                       jnp.asarray(index))
+        self._budget, self._sampling = self._budget[index], tuple(a[index] for a in self._sampling)
+        self.prompt_tokens, self.prompt_mask = self.prompt_tokens[index], self.prompt_mask[index]
+        self.prompt_lengths, self._emitted = self.prompt_lengths[rows], self._emitted[rows]
+        self._cut, self._finished = self._cut[rows], self._finished[rows]
+        self._reasons = [self._reasons[i] for i in rows]
+        if self._texts is not None:
+            self._texts = [self._texts[i] for i in rows]
+        self.rows = len(rows)
 
     def join(self, other: "Generation", rows: Sequence[int]) -> None:
         """Continuous batching: row k of `other` (a batch prefilled on its own and not stepped) replaces the

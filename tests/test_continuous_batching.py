@@ -121,9 +121,30 @@ def test_joins_that_grow_the_batch_from_one_row_to_two_and_four(model):
     assert padded.rows == 2 and padded.state.tokens.shape == (2, 48) and padded.finish_reasons == [None, "length"]
 
 
+def test_a_batch_shrinks_to_its_running_rows(model):
+    """Four sampled rows; two finish; the batch keeps rows 3 and 1 (in that order): they generate what they would
+    unshrunk. Dropping a running row, or rows twice, is refused and changes nothing."""
+    running, _ = SETTINGS["sampled"]
+    budgets = [3, 20, 2, 14]
+    unshrunk = Generation(model, [A, B, C, M], max_new_tokens=budgets, **running, **SOLO).result()
+    gen = Generation(model, [A, B, C, M], max_new_tokens=budgets, **running, **SOLO)
+    gen.step(4)
+    assert gen.finish_reasons == ["length", None, "length", None]
+    for bad in ([3], [3, 1, 1]):
+        with pytest.raises(ValueError, match="keep_rows"):
+            gen.keep_rows(bad)
+    assert gen.rows == 4
+    gen.keep_rows([3, 1])
+    assert gen.rows == 2 and gen.state.tokens.shape == (2, 48) and gen.params.sampling.keys.shape == (2,)
+    out = gen.result()
+    assert_same_row(out, 0, unshrunk, 3)
+    assert_same_row(out, 1, unshrunk, 1)
+    assert out.prompt_lengths.tolist() == [len(M), len(B)]
+
+
 def test_the_engine_runs_a_lone_request_in_one_row_and_grows_for_a_joiner(model, monkeypatch):
-    """A lone request decodes one row; a request that arrives while it runs grows the batch to 2 rows and joins;
-    both equal their solo runs. When growing fails, the joiner fails and the running request goes on."""
+    """A lone request decodes one row; a request that arrives while it runs grows the batch to 2 rows and joins,
+    and when it is done the batch shrinks to 1 row; both equal their solo runs. When growing fails, the joiner fails and the running request goes on."""
     engine = Engine(model, max_batch=4, segment=4, min_prompt_bucket=32, min_steps_bucket=16).start()
     results, rows = {}, []
 
@@ -142,8 +163,8 @@ def test_the_engine_runs_a_lone_request_in_one_row_and_grows_for_a_joiner(model,
 
     try:
         run()
-        assert rows[0] == 1 and rows[1:] == [2] * 3
-        assert engine.stats["grown"] == 1 and engine.stats["joined"] == 1
+        assert rows == [1, 2, 1, 1]  # the joiner's 3 tokens take one segment; then the batch shrinks back
+        assert engine.stats["grown"] == 1 and engine.stats["joined"] == 1 and engine.stats["shrunk"] == 1
         assert results["short"].batch_size == 2
         same = lambda prompt, n: Generation(model, [prompt], max_new_tokens=n, min_prompt_len=32,
                                             min_new_tokens=16).result().tokens[0]
@@ -163,7 +184,8 @@ def test_the_engine_runs_a_lone_request_in_one_row_and_grows_for_a_joiner(model,
 
 def test_the_engine_on_a_mesh(model):
     """On a data=2 x tensor=2 mesh every batch holds whole rows per device (a lone request: 1 row padded to 2);
-    a joiner takes the padding row, a second one grows the batch to 4 rows; each equals its unsharded solo run."""
+    a joiner takes the padding row, a second one grows the batch to 4 rows; when both are done the batch shrinks
+    back to 1 row; each request equals its unsharded solo run."""
     import jax
 
     from m1jax.loading import shard_model
@@ -182,11 +204,12 @@ def test_the_engine_on_a_mesh(model):
             engine.submit(joiners.pop(0))  # one joins at each of the next two segment boundaries
 
     try:
-        engine.submit(Request(A, max_new_tokens=16, temperature=0.0, on_delta=on_delta,
+        engine.submit(Request(A, max_new_tokens=28, temperature=0.0, on_delta=on_delta,
                               on_done=lambda r: (results.__setitem__("A", r), done.set())))
         assert done.wait(300)
     finally:
         engine.close()
     assert shapes[:3] == [(1, 2), (2, 2), (4, 4)]  # (rows, rows with padding)
-    for name, prompt, n in (("A", A, 16), ("C", C, 12), ("M", M, 6)):
+    assert shapes[-1] == (1, 2) and engine.stats["shrunk"] >= 1  # C and M done: A alone, in 1 row (+1 padding)
+    for name, prompt, n in (("A", A, 28), ("C", C, 12), ("M", M, 6)):
         assert results[name].tokens == solo(model, prompt, max_new_tokens=n).tokens[0], name

@@ -145,6 +145,9 @@ def train_rl(tcfg: TrainConfig, *, until: int | None = None) -> RunResult:
     from m1jax.tokenizer import load_tokenizer
 
     maybe_initialize_distributed()
+    if jax.process_count() > 1:
+        raise TrainConfigError(f"m1jax train rl runs on one host (rewards are computed from the gathered text); "
+                               f"this run has {jax.process_count()} processes")
     source = _model_directory(tcfg.model.init_from)
     tcfg = tcfg.replace(model={"init_from": source},
                         data={"batch_size": rl.prompts * rl.group_size, "grad_accum": 1})
