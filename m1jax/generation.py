@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from m1jax.cache import (append_filled, append_rows, cache_capacity, first_used_slot, init_cache, place_rows, take_rows,
-                         resize_cache, shift_cache)
+from m1jax.cache import (append_filled, append_rows, cache_capacity, first_used_slot, init_cache, place_rows,
+                         resize_cache, shift_cache, take_rows)
 from m1jax.model import M1Model, forward
 from m1jax.sharding import split_count
 
@@ -545,8 +545,7 @@ class Generation:
 
         The batch's padding rows (`min_batch`, mesh rounding) are taken first; past them every per-row array grows
         by the missing rows, rounded up to whole rows per device (a new batch shape: callers bucket the row count to
-        bound compiles). The other rows generate
-        what they would generate without it. Nothing changes if it raises.
+        bound compiles). The other rows generate what they would generate without it. Nothing changes if it raises.
         """
         if n < 0:
             raise ValueError(f"add_rows: n must be >= 0, got {n}")

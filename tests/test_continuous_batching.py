@@ -144,7 +144,8 @@ def test_a_batch_shrinks_to_its_running_rows(model):
 
 def test_the_engine_runs_a_lone_request_in_one_row_and_grows_for_a_joiner(model, monkeypatch):
     """A lone request decodes one row; a request that arrives while it runs grows the batch to 2 rows and joins,
-    and when it is done the batch shrinks to 1 row; both equal their solo runs. When growing fails, the joiner fails and the running request goes on."""
+    and when it is done the batch shrinks to 1 row; both equal their solo runs. When growing fails, the joiner
+    fails and the running request goes on."""
     engine = Engine(model, max_batch=4, segment=4, min_prompt_bucket=32, min_steps_bucket=16).start()
     results, rows = {}, []
 

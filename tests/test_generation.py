@@ -293,7 +293,7 @@ def test_cli_on_a_mesh(hf_and_model, greedy1, capsys):
     assert main(args + ["--mesh", "expert=2,tensor=2,data=-1"]) == 0
     out, err = capsys.readouterr()
     assert [int(t) for t in out.split()] == greedy1.tokens[0] and "data=2 fsdp=1 expert=2 tensor=2" in err
-    with pytest.raises(SystemExit, match="num_heads=4: dimension 'heads' of size 4 does not divide over mesh axes tensor=8"):
+    with pytest.raises(SystemExit, match="num_heads=4: dimension 'heads' of size 4 does not divide over mesh axes"):
         main(args + ["--mesh", "tensor=8"])
     with pytest.raises(SystemExit, match="expected AXIS=SIZE"):
         main(args + ["--mesh", "model=8"])

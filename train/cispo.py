@@ -1,7 +1,7 @@
 """CISPO, the RL objective MiniMax-M1 was trained with (M1 report Eq. 4-5; architecture.md §12).
 
     J(θ) = 1/Σ_i|o_i| · Σ_i Σ_t  sg(r̂_{i,t}) · Â_i · log π_θ(o_{i,t} | q, o_{i,<t})
-    r_{i,t} = π_θ(o_{i,t}|·) / π_old(o_{i,t}|·),   r̂ = clip(r, 1 - ε_low, 1 + ε_high),   Â_i = (R_i - mean R) / std R
+    r_{i,t} = π_θ(o_{i,t}|·) / π_old(o_{i,t}|·),   r̂ = clip(r, 1 - ε_low, 1 + ε_high),   Â_i = (R_i - mean R)/std R
 
 The importance weight is clipped and its gradient stopped, so every token keeps a gradient through log π_θ (PPO
 and GRPO drop the clipped tokens' gradients instead); the loss is normalised by the tokens of the whole batch.

@@ -73,7 +73,8 @@ def target_mask(segment_ids: Int[Array, "batch seq"], loss_mask: Bool[Array, "ba
     return (same_doc & loss_mask[:, 1:]).astype(jnp.float32)
 
 
-def token_logprobs(logits: Float[Array, "batch seq vocab"], tokens: Int[Array, "batch seq"]) -> Float[Array, "batch seq-1"]:
+def token_logprobs(logits: Float[Array, "batch seq vocab"], tokens: Int[Array, "batch seq"]
+                   ) -> Float[Array, "batch seq-1"]:
     """log p(tokens[:, t+1] | tokens[:, :t+1]) from the logits (fp32; position t predicts token t+1)."""
     logits = logits[:, :-1].astype(jnp.float32)
     picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
