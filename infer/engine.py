@@ -4,14 +4,14 @@ and finished requests get their `Result` through `on_done` (both called on the e
 
 When nothing runs, the first request starts a new batch with those that arrive within `batch_window_ms`, of
 `bucket(n, min_batch_bucket)` rows for n requests (a lone request decodes one row). Requests that arrive while it
-runs join at the next segment boundary, taking the rows of finished ones: the newcomers are prefilled on their own
-(one batch of them, bucketed shapes) and spliced in with `Generation.join`, which says where their cache goes and
-when it grows. When they need more rows than are free, the batch first grows (`Generation.add_rows`) to the next
-power of two that holds every running request and newcomer, at most `bucket(max_batch, min_batch_bucket)` rows.
-When the running requests fit in half the rows or fewer, the batch shrinks to their bucket (`Generation.keep_rows`);
-its cache is freed when its last request finishes. A row produces the same
-tokens whenever it joins and whatever the batch size. At most `max_batch` requests run at once; the others wait
-(first come, first served). With `mesh` (a model whose parameters live on it), every batch runs on that mesh, its
+runs join it, taking the rows of finished ones: the newcomers are prefilled on their own (one batch of them,
+bucketed shapes), one `prefill_chunk` between two segments of the running batch (so a long prompt does not stall
+the others' streams), then spliced in with `Generation.join`, which says where their cache goes and when it grows.
+When they need more rows than are free, the batch first grows (`Generation.add_rows`) to the next power of two
+that holds every running request and newcomer, at most `bucket(max_batch, min_batch_bucket)` rows. When the
+running requests fit in half the rows or fewer, the batch shrinks to their bucket (`Generation.keep_rows`); its
+cache is freed when its last request finishes. A row produces the same tokens whenever it joins and whatever the
+batch size. At most `max_batch` requests run at once; the others wait (first come, first served). With `mesh` (a model whose parameters live on it), every batch runs on that mesh, its
 rows padded to whole rows per device (`Generation`).
 """
 
@@ -80,6 +80,7 @@ class Engine:
         self._queue: queue.Queue[Request | None] = queue.Queue()
         self._waiting: collections.deque[Request] = collections.deque()
         self._gen: Generation | None = None
+        self._joining: tuple[Generation, list[Request]] | None = None  # newcomers being prefilled, chunk by chunk
         self._owners: list[Request | None] = []  # the request of each row of the running batch
         self._peers: list[int] = []  # per row: the most requests that ran at once alongside (batch_size)
         self._thread = threading.Thread(target=self._loop, name="m1jax-engine", daemon=True)
@@ -102,7 +103,7 @@ class Engine:
     # ---- the engine thread
     def _loop(self) -> None:
         accepting = True
-        while accepting or self._running() or self._waiting:
+        while accepting or self._running() or self._waiting or self._joining:
             if accepting:
                 accepting = self._receive()
             self._admit()
@@ -115,7 +116,7 @@ class Engine:
     def _receive(self) -> bool:
         """Move new requests to the waiting line: when idle, block for one, then gather those arriving within
         the batch window; else take what has arrived. False once the engine is closed."""
-        if not self._running() and not self._waiting:
+        if not self._running() and not self._waiting and not self._joining:
             first = self._queue.get()
             if first is None:
                 return False
@@ -140,19 +141,49 @@ class Engine:
             self._waiting.append(r)
 
     def _admit(self) -> None:
-        """Start a batch with waiting requests when none runs, else let them join into free rows, first growing
-        the batch to the next power of two that fits when too few rows are free."""
+        """Start a batch with waiting requests when none runs; else prefill them one chunk per call (between the
+        running batch's segments) and then let them join into free rows, first growing the batch to the next power
+        of two that fits when too few rows are free."""
         self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+        if self._joining is not None:
+            return self._join()
         running = self._running()
         n = min(len(self._waiting), self.max_batch - running)
         if n <= 0:
             return
         batch = [self._waiting.popleft() for _ in range(n)]
         try:
-            gen = self._generation(batch, rows=None if running else bucket(n, self.min_batch_bucket))
+            gen = self._generation(batch, rows=None if running else bucket(n, self.min_batch_bucket),
+                                   lazy_prefill=bool(running))
         except BaseException as e:  # noqa: BLE001 - the engine must survive bad requests
             return self._fail(batch, e)
+        self.stats["requests"] += n
         if running:
+            self._joining = (gen, batch)
+            return self._join()
+        self._gen = gen
+        self._owners = batch + [None] * (gen.rows - n)
+        self._peers = [0] * gen.rows
+        self.stats["batches"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], self._running())
+
+    def _join(self) -> None:
+        """Prefill one more chunk of the joining requests; once done, move them into the running batch (or let
+        them become the batch when it has ended meanwhile)."""
+        gen, batch = self._joining
+        n = len(batch)
+        try:
+            if not gen.prefill_step():
+                return
+        except BaseException as e:  # noqa: BLE001 - the engine must survive bad requests
+            self._joining = None
+            return self._fail(batch, e)
+        self._joining = None
+        running = self._running()
+        if not running:
+            self._gen, self._owners, self._peers = gen, batch + [None] * (gen.rows - n), [0] * gen.rows
+            self.stats["batches"] += 1
+        else:
             free = [i for i, r in enumerate(self._owners) if r is None]
             if len(free) < n:  # running + n <= max_batch: the bucket is at most self.rows
                 more = bucket(running + n, self.min_batch_bucket) - len(self._owners)
@@ -171,17 +202,11 @@ class Engine:
             for r, i in zip(batch, free):
                 self._owners[i], self._peers[i] = r, 0
             self.stats["joined"] += n
-        else:
-            self._gen = gen
-            self._owners = batch + [None] * (gen.rows - n)
-            self._peers = [0] * gen.rows
-            self.stats["batches"] += 1
-        self.stats["requests"] += n
         self.stats["largest_batch"] = max(self.stats["largest_batch"], self._running())
 
-    def _generation(self, batch: list[Request], rows: int | None) -> Generation:
-        """The requests as a prefilled batch, padded to bucketed shapes; with `rows`, filled up to that many rows
-        with finished placeholder rows (free for joining)."""
+    def _generation(self, batch: list[Request], rows: int | None, lazy_prefill: bool = False) -> Generation:
+        """The requests as a batch, padded to bucketed shapes and prefilled (unless `lazy_prefill`); with `rows`,
+        filled up to that many rows with finished placeholder rows (free for joining)."""
         n = len(batch)
         pad = 0 if rows is None else rows - n
         longest = max(len(r.prompt) for r in batch)
@@ -202,7 +227,8 @@ class Engine:
             think_ids=self._think_ids, expert_threshold=value("expert_threshold", 0.0), tokenizer=self.tokenizer,
             prefill_chunk=self.prefill_chunk, mesh=self.mesh, min_batch=rows or bucket(n, self.min_batch_bucket),
             min_prompt_len=prompt_bucket,
-            min_new_tokens=bucket(max(r.max_new_tokens for r in batch), self.min_steps_bucket))
+            min_new_tokens=bucket(max(r.max_new_tokens for r in batch), self.min_steps_bucket),
+            lazy_prefill=lazy_prefill)
 
     def _advance(self) -> None:
         """One segment of the running batch: stream the deltas, then hand out the finished requests."""
@@ -234,7 +260,7 @@ class Engine:
         running = self._running()
         if not running:
             self._gen, self._owners = None, []  # free the cache; the next request starts afresh
-        elif bucket(running, self.min_batch_bucket) <= len(owners) // 2:
+        elif bucket(running, self.min_batch_bucket) <= len(owners) // 2 and self._joining is None:
             self._shrink(bucket(running, self.min_batch_bucket))
 
     def _shrink(self, rows: int) -> None:

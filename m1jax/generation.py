@@ -108,6 +108,16 @@ def prefill(model: M1Model, cache: dict, tokens: Int[Array, "batch len"], mask: 
     state stays zero); every chunk is one `prefill_step` call. Returns what `prefill_step` returns, with the
     routing counts summed over the chunks.
     """
+    for out in prefill_chunks(model, cache, tokens, mask, chunk_size=chunk_size, expert_threshold=expert_threshold,
+                              dispatch=dispatch):
+        pass
+    return out[:4]
+
+
+def prefill_chunks(model: M1Model, cache: dict, tokens: Int[Array, "batch len"], mask=None, *, chunk_size: int = 2048,
+                   expert_threshold=None, dispatch: str = "auto") -> Iterator[tuple]:
+    """`prefill` one chunk at a time: after each chunk yields what `prefill` returns so far, and whether that was
+    the last chunk."""
     if chunk_size <= 0:
         raise ValueError(f"prefill chunk_size must be positive, got {chunk_size}")
     tokens = np.asarray(tokens, np.int32)  # sliced on the host: no compile per chunk boundary
@@ -122,7 +132,7 @@ def prefill(model: M1Model, cache: dict, tokens: Int[Array, "batch len"], mask: 
         logits, cache, r, s = prefill_step(model, cache, tokens[:, lo:hi], mask[:, lo:hi], threshold,
                                            dispatch=dispatch)
         routing, skipped = routing + r, skipped + s
-    return logits, cache, routing, skipped
+        yield logits, cache, routing, skipped, hi == width
 
 
 @functools.partial(jax.jit, static_argnames=("dispatch",), donate_argnames=("cache",))
@@ -340,6 +350,8 @@ class Generation:
     `thinking_budget`, `expert_threshold`) take a scalar or one value per row; row i samples with seed
     `seed + i` when `seed` is a scalar, so a row gives the same tokens whatever batch it runs in.
     `min_batch`, `min_prompt_len`, `min_new_tokens` pad the shapes up to buckets, so that servers reuse compiles.
+    `lazy_prefill`: prefill nothing on construction; `prefill_step()` prefills one chunk of `prefill_chunk` tokens
+    at a time (a server interleaves them with another batch's decoding).
     `mesh`: run on this mesh (for a model whose parameters live on it, e.g. `from_pretrained(..., mesh=mesh)`): the
     cache is created sharded like the activations, the model runs under `jax.set_mesh(mesh)` (expert-parallel MoE,
     per-device lightning kernels), and the batch is padded to a multiple of the mesh's batch split.
@@ -352,7 +364,8 @@ class Generation:
                  stop_strings: Sequence[str] | Sequence[Sequence[str]] = (), thinking_budget=None,
                  think_ids: tuple[int, int] | None = None, expert_threshold=None, tokenizer=None,
                  cache: dict | None = None, prefill_chunk: int = 2048, mesh=None,
-                 min_batch: int = 1, min_prompt_len: int = 1, min_new_tokens: int = 1, dispatch: str = "auto"):
+                 min_batch: int = 1, min_prompt_len: int = 1, min_new_tokens: int = 1, dispatch: str = "auto",
+                 lazy_prefill: bool = False):
         cfg = model.config
         self.model, self.tokenizer, self.dispatch = model, tokenizer, dispatch
         tokens, mask = _left_padded(prompts, attention_mask, cfg.vocab_size)
@@ -422,24 +435,14 @@ class Generation:
             need = int(cache["offset"]) + width + self.steps
             if cache_capacity(cache) < need:
                 cache = resize_cache(cache, need)
-        with self._on_mesh():
-            logits, cache, prompt_routing, skipped = prefill(model, cache, tokens, mask, chunk_size=prefill_chunk,
-                                                             expert_threshold=threshold, dispatch=dispatch)
-        self.prompt_routing = prompt_routing
-
-        in_think = np.zeros(batch, bool)
+        self._chunks = prefill_chunks(model, cache, tokens, mask, chunk_size=prefill_chunk,
+                                      expert_threshold=threshold, dispatch=dispatch)
+        self.state = self.prompt_routing = None
+        self._in_think = np.zeros(batch, bool)
         if think_ids[0] >= 0:  # a prompt that ends inside an open <think> block
             for i, row in enumerate(tokens):
                 opens, closes = np.flatnonzero(row == think_ids[0]), np.flatnonzero(row == think_ids[1])
-                in_think[i] = len(opens) > 0 and (len(closes) == 0 or opens[-1] > closes[-1])
-        layers_experts = prompt_routing.shape[1:]
-        self.state = DecodeState(
-            cache=cache, logits=logits,
-            tokens=jnp.full((batch, self.steps), self.pad_id, jnp.int32),
-            logprobs=jnp.zeros((batch, self.steps), jnp.float32),
-            step=jnp.int32(0), done=jnp.asarray(budget <= 0), length=jnp.zeros(batch, jnp.int32),
-            in_think=jnp.asarray(in_think), think_count=jnp.zeros(batch, jnp.int32),
-            routing=jnp.zeros((batch,) + layers_experts, jnp.int32), skipped=skipped)
+                self._in_think[i] = len(opens) > 0 and (len(closes) == 0 or opens[-1] > closes[-1])
         vocab_limit = cfg.vocab_size if tokenizer is None else min(cfg.vocab_size, tokenizer.vocab_size)
         self.params = DecodeParams(
             sampling=Sampling(jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p), row_keys(seeds)),
@@ -452,6 +455,35 @@ class Generation:
         self._cut = np.full(rows, -1, np.int64)  # generated length after a stop string, -1 if none
         self._finished = np.asarray(budget[:rows] <= 0)
         self._reasons: list[str | None] = ["length" if f else None for f in self._finished]
+        while not lazy_prefill and not self.prefill_step():
+            pass
+
+    @property
+    def prefilled(self) -> bool:
+        return self.state is not None
+
+    def prefill_step(self) -> bool:
+        """Prefill the next chunk of the prompts (all of them are prefilled on construction unless `lazy_prefill`);
+        True once the batch is ready to decode."""
+        if self.prefilled:
+            return True
+        with self._on_mesh():
+            logits, cache, routing, skipped, last = next(self._chunks)
+        if last:
+            batch = len(self._budget)
+            self.prompt_routing, self._chunks = routing, None
+            self.state = DecodeState(
+                cache=cache, logits=logits,
+                tokens=jnp.full((batch, self.steps), self.pad_id, jnp.int32),
+                logprobs=jnp.zeros((batch, self.steps), jnp.float32),
+                step=jnp.int32(0), done=jnp.asarray(self._budget <= 0), length=jnp.zeros(batch, jnp.int32),
+                in_think=jnp.asarray(self._in_think), think_count=jnp.zeros(batch, jnp.int32),
+                routing=jnp.zeros((batch,) + routing.shape[1:], jnp.int32), skipped=skipped)
+        return last
+
+    def _need_prefilled(self, what: str) -> None:
+        if not self.prefilled:
+            raise ValueError(f"{what}: the prompts are not prefilled yet (call prefill_step() until it returns True)")
 
     def _whole_rows(self, rows: int) -> int:
         """`rows` rounded up to a multiple of the mesh's batch split (every device holds whole rows)."""
@@ -472,6 +504,7 @@ class Generation:
 
     def step(self, max_tokens: int | None = None) -> list[Delta]:
         """Run the loop for up to `max_tokens` more tokens (default: to the end); the new output of every row."""
+        self._need_prefilled("step")
         if self.done:
             return [Delta([], "", None) for _ in range(self.rows)]
         until = int(self.state.step) + (self.steps if max_tokens is None else max_tokens)
@@ -507,6 +540,7 @@ class Generation:
 
     def cancel(self, rows: Sequence[int]) -> None:
         """Finish these rows now (finish reason "cancelled"); the others go on."""
+        self._need_prefilled("cancel")
         for i in rows:
             if not self._finished[i]:
                 self._finished[i], self._reasons[i] = True, "cancelled"
@@ -526,6 +560,7 @@ class Generation:
 
     def output(self, rows: Sequence[int] | None = None) -> GenerationOutput:
         """The output so far of these rows (default: all), final for the finished ones (see `finish_reasons`)."""
+        self._need_prefilled("output")
         rows = np.arange(self.rows) if rows is None else np.asarray(rows, np.int64).reshape(-1)
         s = jax.device_get(self.state._replace(cache=None, logits=None))
         n = int(s.length[rows].max(initial=0))
@@ -547,6 +582,7 @@ class Generation:
         by the missing rows, rounded up to whole rows per device (a new batch shape: callers bucket the row count to
         bound compiles). The other rows generate what they would generate without it. Nothing changes if it raises.
         """
+        self._need_prefilled("add_rows")
         if n < 0:
             raise ValueError(f"add_rows: n must be >= 0, got {n}")
         extra = self._whole_rows(self.rows + n) - len(self._budget)
@@ -573,6 +609,7 @@ class Generation:
         """Continuous batching: keep only these rows, renumbered 0.. in this order, and drop the others, which must
         be finished: the batch shrinks (a new batch shape: callers bucket the row count to bound compiles). The
         kept rows generate what they would generate without it. Nothing changes if it raises."""
+        self._need_prefilled("keep_rows")
         rows = [int(i) for i in rows]
         dropped = sorted(set(range(len(self._budget))) - set(rows))
         live = [i for i in dropped if i < self.rows and not self._finished[i]]
@@ -603,6 +640,8 @@ class Generation:
         buffer grows to `other`'s when that is wider. Moves and growth are exact (attention reads slots by
         `key_valid`; keys carry their positions), and shapes only change when the buffers grow.
         """
+        self._need_prefilled("join")
+        other._need_prefilled("join (the joining batch)")
         rows = [int(i) for i in rows]
         busy = [i for i in rows if not 0 <= i < self.rows or not self._finished[i]]
         if busy or len(set(rows)) != len(rows):

@@ -183,6 +183,42 @@ def test_the_engine_runs_a_lone_request_in_one_row_and_grows_for_a_joiner(model,
         engine.close()
 
 
+def test_lazy_prefill_chunk_by_chunk(model):
+    """With lazy_prefill nothing runs on construction; prefill_step() takes one chunk at a time (32 prompt slots
+    in chunks of 8: 4 steps) and the batch then generates what an eagerly prefilled one does."""
+    eager = Generation(model, [L, C], max_new_tokens=12, prefill_chunk=8, **SOLO).result()
+    lazy = Generation(model, [L, C], max_new_tokens=12, prefill_chunk=8, lazy_prefill=True, **SOLO)
+    with pytest.raises(ValueError, match="not prefilled yet"):
+        lazy.step(4)
+    assert [lazy.prefill_step() for _ in range(4)] == [False, False, False, True] and lazy.prefill_step()
+    out = lazy.result()
+    for i in (0, 1):
+        assert_same_row(out, i, eager, i)
+
+
+def test_the_engine_prefills_a_joiner_between_segments(model):
+    """A newcomer's 19-token prompt (24 slots, chunks of 8) is prefilled one chunk per segment of the running
+    request, which keeps streaming meanwhile; both equal their solo runs."""
+    engine = Engine(model, max_batch=4, segment=4, prefill_chunk=8, min_prompt_bucket=32, min_steps_bucket=16).start()
+    results, pending, done = {}, [], threading.Event()
+    newcomer = Request(L, max_new_tokens=6, temperature=0.0, on_done=lambda r: results.__setitem__("L", r))
+
+    def on_delta(delta):
+        pending.append(engine._joining is not None)
+        if len(pending) == 1:
+            engine.submit(newcomer)
+
+    try:
+        engine.submit(Request(A, max_new_tokens=20, temperature=0.0, on_delta=on_delta,
+                              on_done=lambda r: (results.__setitem__("A", r), done.set())))
+        assert done.wait(300)
+    finally:
+        engine.close()
+    assert pending[:4] == [False, True, True, False]  # chunks 1 and 2 between segments, chunk 3 then the join
+    assert results["A"].tokens == solo(model, A, max_new_tokens=20).tokens[0]
+    assert results["L"].tokens == solo(model, L, max_new_tokens=6).tokens[0] and engine.stats["joined"] == 1
+
+
 def test_the_engine_on_a_mesh(model):
     """On a data=2 x tensor=2 mesh every batch holds whole rows per device (a lone request: 1 row padded to 2);
     a joiner takes the padding row, a second one grows the batch to 4 rows; when both are done the batch shrinks
