@@ -40,6 +40,14 @@ def assert_same_row(got, i, want, j=0):
     np.testing.assert_allclose(got.logprobs[i, :n], want.logprobs[j, :n], atol=1e-5)
 
 
+def stream(engine, prompt, max_new_tokens, on_delta, results, name):
+    """Submit a greedy request whose deltas drive the test; wait until it is done (its Result in results[name])."""
+    done = threading.Event()
+    engine.submit(Request(prompt, max_new_tokens=max_new_tokens, temperature=0.0, on_delta=on_delta,
+                          on_done=lambda r: (results.__setitem__(name, r), done.set())))
+    assert done.wait(300)
+
+
 # the running rows filter (top-k); the newcomer samples without filtering, which alone is another sampler mode
 SETTINGS = {"greedy": ({}, {}),
             "sampled": (dict(temperature=1.0, top_k=8, seed=3), dict(temperature=0.8, seed=11))}
@@ -157,10 +165,7 @@ def test_the_engine_runs_a_lone_request_in_one_row_and_grows_for_a_joiner(model,
             if len(rows) == 1:
                 engine.submit(short)  # arrives during the first segment: joins at the next boundary
 
-        done = threading.Event()
-        engine.submit(Request(A, max_new_tokens=16, temperature=0.0, on_delta=on_delta,
-                              on_done=lambda r: (results.__setitem__("long", r), done.set())))
-        assert done.wait(300)
+        stream(engine, A, 16, on_delta, results, "long")
 
     try:
         run()
@@ -200,7 +205,7 @@ def test_the_engine_prefills_a_joiner_between_segments(model):
     """A newcomer's 19-token prompt (24 slots, chunks of 8) is prefilled one chunk per segment of the running
     request, which keeps streaming meanwhile; both equal their solo runs."""
     engine = Engine(model, max_batch=4, segment=4, prefill_chunk=8, min_prompt_bucket=32, min_steps_bucket=16).start()
-    results, pending, done = {}, [], threading.Event()
+    results, pending = {}, []
     newcomer = Request(L, max_new_tokens=6, temperature=0.0, on_done=lambda r: results.__setitem__("L", r))
 
     def on_delta(delta):
@@ -209,9 +214,7 @@ def test_the_engine_prefills_a_joiner_between_segments(model):
             engine.submit(newcomer)
 
     try:
-        engine.submit(Request(A, max_new_tokens=20, temperature=0.0, on_delta=on_delta,
-                              on_done=lambda r: (results.__setitem__("A", r), done.set())))
-        assert done.wait(300)
+        stream(engine, A, 20, on_delta, results, "A")
     finally:
         engine.close()
     assert pending[:4] == [False, True, True, False]  # chunks 1 and 2 between segments, chunk 3 then the join
@@ -231,7 +234,7 @@ def test_the_engine_on_a_mesh(model):
     mesh = make_mesh(data=2, tensor=2, devices=jax.devices()[:4])
     engine = Engine(shard_model(model, mesh), max_batch=4, segment=4, min_prompt_bucket=32, min_steps_bucket=16,
                     mesh=mesh).start()
-    results, shapes, done = {}, [], threading.Event()
+    results, shapes = {}, []
     joiners = [Request(C, max_new_tokens=12, temperature=0.0, on_done=lambda r: results.__setitem__("C", r)),
                Request(M, max_new_tokens=6, temperature=0.0, on_done=lambda r: results.__setitem__("M", r))]
 
@@ -241,9 +244,7 @@ def test_the_engine_on_a_mesh(model):
             engine.submit(joiners.pop(0))  # one joins at each of the next two segment boundaries
 
     try:
-        engine.submit(Request(A, max_new_tokens=28, temperature=0.0, on_delta=on_delta,
-                              on_done=lambda r: (results.__setitem__("A", r), done.set())))
-        assert done.wait(300)
+        stream(engine, A, 28, on_delta, results, "A")
     finally:
         engine.close()
     assert shapes[:3] == [(1, 2), (2, 2), (4, 4)]  # (rows, rows with padding)
