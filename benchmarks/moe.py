@@ -4,8 +4,8 @@ ceiling (jnp.dot side^3) measured in the same run.
 hidden 2048, 32 experts, top-2, expert width 3072, bf16; 16,384 tokens on GPU, fewer on CPU (--tokens; the
 dense reference runs at most --dense-tokens there). Dispatches: dense (every expert on every token, the
 reference), ragged (sorted tokens, jax.lax.ragged_dot), ragged with the Pallas grouped matmul (GPU), and
-expert parallel: over 8 virtual CPU devices (padded all_to_all transport) or a 1-device GPU mesh
-(ragged_all_to_all transport + the default grouped matmul), forward and forward+backward.
+expert parallel: over 8 virtual CPU devices (padded all_to_all transport) or a 1-device GPU mesh (the local
+path: an expert axis of size 1 exchanges nothing; Pallas grouped matmul), forward and forward+backward.
 "TFLOP/s" counts the routed work only, 2*tokens*(hidden*E + top_k*3*hidden*width) per forward (3x with the
 backward), for every row, so the dense row's figure is its speed, not its utilisation. Errors: forward rows
 against the dense reference on the tokens it ran, fwd+bwd rows against ragged's output and gradients.
@@ -145,7 +145,7 @@ def main() -> None:
         row("ragged + Pallas grouped_matmul", pallas, (params, x), tokens, against=dense)
     ep_mesh = make_mesh(devices=jax.devices()[:1]) if gpu else make_mesh(expert=-1)
     ep_inputs = place(ep_mesh, params, x, dy)
-    ep_name = f"expert parallel ({'ragged_all_to_all, Pallas gmm' if gpu else 'padded all_to_all, ragged_dot'})"
+    ep_name = f"expert parallel ({'1-device mesh: local, Pallas gmm' if gpu else 'padded all_to_all, ragged_dot'})"
     ep_layer = moe_layer(expert_parallel(ExpertParallel()))
     row(ep_name, ep_layer, ep_inputs[:2], tokens, ep_mesh.size, against=dense, mesh=ep_mesh)
     row(dense, moe_layer(experts_dense), (params, x[:dense_tokens]), dense_tokens)

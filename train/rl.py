@@ -162,9 +162,8 @@ def train_rl(tcfg: TrainConfig, *, until: int | None = None) -> RunResult:
     trainer = make_trainer(config, tcfg, mesh)  # the state, its shardings and the optimizer of the run
     model = abstract_model(config)
     replicated = NamedSharding(mesh, PartitionSpec())
-    per_row = trainer.batch_sharding
-    batch_shardings = RolloutBatch(per_row, per_row, per_row, per_row, NamedSharding(mesh, PartitionSpec(
-        per_row.spec[0])))
+    per_token, per_row = trainer.batch_sharding, NamedSharding(mesh, PartitionSpec(trainer.batch_sharding.spec[0]))
+    batch_shardings = RolloutBatch(per_token, per_token, per_token, per_token, per_row)
     step_fn = on_mesh(mesh, jax.jit(functools.partial(cispo_step, model, tcfg, trainer.optimizer, trainer.schedule),
                                     in_shardings=(trainer.state_shardings, batch_shardings),
                                     out_shardings=(trainer.state_shardings, replicated), donate_argnums=0))
