@@ -11,8 +11,8 @@ When they need more rows than are free, the batch first grows (`Generation.add_r
 that holds every running request and newcomer, at most `bucket(max_batch, min_batch_bucket)` rows. When the
 running requests fit in half the rows or fewer, the batch shrinks to their bucket (`Generation.keep_rows`); its
 cache is freed when its last request finishes. A row produces the same tokens whenever it joins and whatever the
-batch size. At most `max_batch` requests run at once; the others wait (first come, first served). With `mesh` (a model whose parameters live on it), every batch runs on that mesh, its
-rows padded to whole rows per device (`Generation`).
+batch size. At most `max_batch` requests run at once; the others wait (first come, first served). With `mesh` (a
+model whose parameters live on it), every batch runs on that mesh, its rows padded to whole rows per device.
 """
 
 from __future__ import annotations
@@ -161,9 +161,11 @@ class Engine:
         if running:
             self._joining = (gen, batch)
             return self._join()
-        self._gen = gen
-        self._owners = batch + [None] * (gen.rows - n)
-        self._peers = [0] * gen.rows
+        self._start(gen, batch)
+
+    def _start(self, gen: Generation, batch: list[Request]) -> None:
+        """`gen` (holding `batch` in its first rows) becomes the running batch."""
+        self._gen, self._owners, self._peers = gen, batch + [None] * (gen.rows - len(batch)), [0] * gen.rows
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], self._running())
 
@@ -181,27 +183,25 @@ class Engine:
         self._joining = None
         running = self._running()
         if not running:
-            self._gen, self._owners, self._peers = gen, batch + [None] * (gen.rows - n), [0] * gen.rows
-            self.stats["batches"] += 1
-        else:
-            free = [i for i, r in enumerate(self._owners) if r is None]
-            if len(free) < n:  # running + n <= max_batch: the bucket is at most self.rows
-                more = bucket(running + n, self.min_batch_bucket) - len(self._owners)
-                try:
-                    self._gen.add_rows(more)
-                except BaseException as e:  # noqa: BLE001 - add_rows changes nothing when it raises
-                    return self._fail(batch, e)
-                self._owners += [None] * more
-                self._peers += [0] * more
-                free += list(range(len(self._owners) - more, len(self._owners)))
-                self.stats["grown"] += 1
+            return self._start(gen, batch)
+        free = [i for i, r in enumerate(self._owners) if r is None]
+        if len(free) < n:  # running + n <= max_batch: the bucket is at most self.rows
+            more = bucket(running + n, self.min_batch_bucket) - len(self._owners)
             try:
-                self._gen.join(gen, free[:n])
-            except BaseException as e:  # noqa: BLE001 - the running batch may be broken: end it
-                return self._fail(batch + [r for r in self._owners if r is not None], e, reset=True)
-            for r, i in zip(batch, free):
-                self._owners[i], self._peers[i] = r, 0
-            self.stats["joined"] += n
+                self._gen.add_rows(more)
+            except BaseException as e:  # noqa: BLE001 - add_rows changes nothing when it raises
+                return self._fail(batch, e)
+            self._owners += [None] * more
+            self._peers += [0] * more
+            free += list(range(len(self._owners) - more, len(self._owners)))
+            self.stats["grown"] += 1
+        try:
+            self._gen.join(gen, free[:n])
+        except BaseException as e:  # noqa: BLE001 - the running batch may be broken: end it
+            return self._fail(batch + [r for r in self._owners if r is not None], e, reset=True)
+        for r, i in zip(batch, free):
+            self._owners[i], self._peers[i] = r, 0
+        self.stats["joined"] += n
         self.stats["largest_batch"] = max(self.stats["largest_batch"], self._running())
 
     def _generation(self, batch: list[Request], rows: int | None, lazy_prefill: bool = False) -> Generation:

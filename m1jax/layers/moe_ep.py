@@ -99,7 +99,7 @@ class ExpertParallel:
                                 "`with jax.set_mesh(m1jax.make_mesh(...)):`")
         token_axes, expert_axes = mesh_axes("tokens", mesh.shape), mesh_axes("experts", mesh.shape)
         width_axes = mesh_axes("mlp", mesh.shape)
-        ep = math.prod(mesh.shape[a] for a in expert_axes)
+        ep = split_count("experts", mesh.shape)
         num_experts = w1.shape[0]
         if num_experts % ep:
             raise ShardingError(f"num_experts={num_experts} does not divide over mesh axes {expert_axes} = {ep}")
