@@ -25,7 +25,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 
-from m1jax.generation import THINK_CLOSE, THINK_OPEN, Delta, Generation
+from m1jax.generation import THINK_CLOSE, THINK_OPEN, Delta, Generation, context_pieces
 from m1jax.model import M1Model
 
 
@@ -67,6 +67,7 @@ class Engine:
                  min_prompt_bucket: int = 16, min_steps_bucket: int = 16, mesh=None):
         if max_batch < 1 or segment < 1:
             raise ValueError(f"max_batch and segment must be >= 1, got {max_batch}, {segment}")
+        context_pieces(mesh, prefill_chunk)
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
         self.max_batch, self.window = max_batch, batch_window_ms / 1000
         self.segment, self.prefill_chunk = segment, prefill_chunk

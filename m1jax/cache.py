@@ -53,10 +53,10 @@ def cache_shapes(config: ModelConfig, batch: int, max_len: int) -> dict:
 
 def cache_axes(config: ModelConfig) -> dict:
     """Logical axis names of every cache leaf (m1jax.sharding's rules map them to mesh axes)."""
-    kv = ("layers", "batch", "length", "kv_heads", None)
+    kv = ("layers", "batch", None, "kv_heads", None)  # every slot on every device (layers/attention.py KEYS)
     layers = {j: ("layers", "batch", "heads", None, None) if kind == "lightning" else (kv, kv)
               for j, kind in enumerate(config.cycle)}
-    return {"layers": layers, "key_valid": ("batch", "length"), "offset": (), "next_position": ("batch",)}
+    return {"layers": layers, "key_valid": ("batch", None), "offset": (), "next_position": ("batch",)}
 
 
 def _axis_leaves(tree):

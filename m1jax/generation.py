@@ -342,6 +342,15 @@ class _RowText:
         return len(ids) - 1
 
 
+def context_pieces(mesh, prefill_chunk: int) -> int:
+    """Into how many pieces prefill splits sequences over the mesh's "context" axis; ValueError unless prefill
+    chunks divide into them."""
+    pieces = 1 if mesh is None else split_count("length", mesh.shape)
+    if prefill_chunk % pieces:
+        raise ValueError(f"prefill_chunk={prefill_chunk} must be a multiple of the mesh's context axis ({pieces})")
+    return pieces
+
+
 class Generation:
     """A batch being generated: prefilled on construction, then advanced with `step()` / iterated with `stream()`.
 
@@ -354,7 +363,8 @@ class Generation:
     at a time (a server interleaves them with another batch's decoding).
     `mesh`: run on this mesh (for a model whose parameters live on it, e.g. `from_pretrained(..., mesh=mesh)`): the
     cache is created sharded like the activations, the model runs under `jax.set_mesh(mesh)` (expert-parallel MoE,
-    per-device lightning kernels), and the batch is padded to a multiple of the mesh's batch split.
+    per-device lightning kernels), and the batch is padded to a multiple of the mesh's batch split. A "context"
+    axis splits the prefill's sequences (prompts left-padded to a multiple of it); decode steps are not split over it.
     A `cache` passed in is consumed (its buffers are donated to the computation). A row samples with its key
     folded with its own token count, so it gives the same tokens whenever it joins a batch (`join`).
     """
@@ -409,7 +419,8 @@ class Generation:
         # pad to buckets: more rows (done from the start), more left padding, a longer step buffer
         self.mesh = mesh
         batch = self._whole_rows(max(rows, min_batch))
-        width = max(tokens.shape[1], min_prompt_len)
+        pieces = context_pieces(mesh, prefill_chunk)
+        width = -(-max(tokens.shape[1], min_prompt_len) // pieces) * pieces
         tokens = np.pad(tokens, ((0, batch - rows), (width - tokens.shape[1], 0)), constant_values=self.pad_id)
         mask = np.pad(mask, ((0, batch - rows), (width - mask.shape[1], 0)))
         pad_rows = lambda a, v=0: np.concatenate([a, np.full(batch - rows, v, a.dtype)])

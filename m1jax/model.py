@@ -23,7 +23,7 @@ from m1jax.layers.common import dense_param, fp32_matmul
 from m1jax.layers.lightning import LightningAttention, lightning_slopes
 from m1jax.layers.moe import MoE
 from m1jax.layers.norms import RMSNorm
-from m1jax.sharding import ACTIVATION, constrain
+from m1jax.sharding import constrain, residual_names
 
 
 class Context(NamedTuple):
@@ -79,7 +79,7 @@ class LayerCycle(nnx.Module):
         new_caches, stats = {}, {}
         for j, layer in enumerate(self.layers):
             x, new_caches[j], stats[j] = layer(x, ctx, slopes[j], caches[j], dispatch)
-            x = constrain(x, ACTIVATION)
+            x = constrain(x, residual_names(x.shape[1]))
         return x, new_caches, stats
 
 
@@ -168,7 +168,7 @@ def forward(
         key_valid = jax.lax.dynamic_update_slice(cache["key_valid"], token_mask, (0, offset))
         ctx = Context(positions, token_mask, segment_ids, key_valid, offset, expert_threshold)
 
-    x = constrain(jnp.take(model.embed_tokens[...], input_ids, axis=0), ACTIVATION)
+    x = constrain(jnp.take(model.embed_tokens[...], input_ids, axis=0), residual_names(n))
     period = len(cfg.cycle)
     slopes = jnp.asarray(lightning_slopes(cfg).reshape(cfg.num_cycles, period, cfg.num_heads))
     if layer_caches is None:

@@ -3,7 +3,7 @@
 Every parameter and activation dimension carries a logical name ("experts", "embed", "batch", ...);
 `RULES` maps each name to the mesh axes it is split over. Layers never name a mesh axis.
 
-The mesh axes are ("data", "fsdp", "expert", "tensor"), tensor innermost (neighbouring devices), all of type
+The mesh axes are ("data", "fsdp", "context", "expert", "tensor"), tensor innermost (neighbouring devices), all of type
 `AxisType.Auto`: parameters are placed by `param_shardings`, a few activations are pinned with
 `constrain`, and XLA propagates the rest. (Explicit axes would make every op in every layer state its
 output sharding; only the expert-parallel MoE needs manual control, and it takes it with `jax.shard_map`.)
@@ -22,7 +22,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from m1jax.config import ModelConfig
 
-AXES = ("data", "fsdp", "expert", "tensor")
+AXES = ("data", "fsdp", "context", "expert", "tensor")
 
 RULES: dict[str, tuple[str, ...]] = {
     # parameters
@@ -37,8 +37,8 @@ RULES: dict[str, tuple[str, ...]] = {
     "router_experts": (),
     # activations; the expert axis splits the batch outside the MoE layers (data parallelism there)
     "batch": ("data", "fsdp", "expert"),
-    "tokens": ("data", "fsdp", "expert"),  # the flattened batch*length tokens inside the MoE
-    "length": (),
+    "tokens": ("context", "data", "fsdp", "expert"),  # the MoE's tokens, flattened piece-major (layers/moe.py)
+    "length": ("context",),  # context parallelism: each device holds a contiguous piece of every sequence
     "act_embed": (),
 }
 
@@ -65,14 +65,20 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
 ACTIVATION = ("batch", "length", "act_embed")  # the residual stream [batch, seq, d]
 
 
+def residual_names(seq: int) -> tuple[str | None, ...]:
+    """The residual stream's logical names; a single token per row (a decode step) is not split over "context"."""
+    return ACTIVATION if seq > 1 else ("batch", None, "act_embed")
+
+
 class ShardingError(ValueError):
     """A mesh that cannot hold the model or batch as asked."""
 
 
 # ---- the mesh ------------------------------------------------------------------------------------
-def mesh_shape(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *, devices: int) -> dict[str, int]:
+def mesh_shape(data: int = 1, fsdp: int = 1, context: int = 1, expert: int = 1, tensor: int = 1, *,
+               devices: int) -> dict[str, int]:
     """Axis sizes with one -1 filled so that their product is `devices`; ShardingError if it cannot be."""
-    sizes = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
+    sizes = {"data": data, "fsdp": fsdp, "context": context, "expert": expert, "tensor": tensor}
     bad = {a: s for a, s in sizes.items() if not isinstance(s, int) or (s < 1 and s != -1)}
     if bad:
         raise ShardingError(f"mesh axis sizes must be positive ints (or one -1), got {bad}")
@@ -105,11 +111,11 @@ def parse_mesh(text: str) -> dict[str, int]:
     return sizes
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *,
+def make_mesh(data: int = 1, fsdp: int = 1, context: int = 1, expert: int = 1, tensor: int = 1, *,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ("data", "fsdp", "expert", "tensor") mesh over `devices` (default: all); one size may be -1."""
+    """A ("data", "fsdp", "context", "expert", "tensor") mesh over `devices` (default: all); one size may be -1."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = mesh_shape(data, fsdp, expert, tensor, devices=len(devices))
+    sizes = mesh_shape(data, fsdp, context, expert, tensor, devices=len(devices))
     return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES),
                          devices=devices)
 
@@ -155,6 +161,12 @@ def split_mesh():
     None."""
     mesh = jax.sharding.get_abstract_mesh()
     return None if mesh.empty or mesh.size == 1 or mesh.are_all_axes_manual else mesh
+
+
+def length_pieces(seq: int) -> int:
+    """Into how many pieces the context mesh splits a sequence of `seq` tokens (1 for a single token)."""
+    mesh = split_mesh()
+    return 1 if mesh is None or seq == 1 else split_count("length", mesh.shape)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -220,14 +232,18 @@ def param_logical_axes(config: ModelConfig) -> dict:
     return jax.tree_util.tree_map_with_path(names, _abstract_params(config))
 
 
-def validate(config: ModelConfig, mesh_sizes: Mapping[str, int], batch: int | None = None) -> None:
-    """Check, before anything compiles, that the model (and a batch size) can be split as the rules say."""
+def validate(config: ModelConfig, mesh_sizes: Mapping[str, int], batch: int | None = None,
+             length: int | None = None) -> None:
+    """Check, before anything compiles, that the model (and a batch size and sequence length) can be split as the
+    rules say."""
     sizes = {a: mesh_sizes.get(a, 1) for a in AXES}
     need = [("num_heads", config.num_heads, "heads"), ("num_kv_heads", config.num_kv_heads, "kv_heads"),
             ("num_experts", config.num_experts, "experts"), ("intermediate_size", config.intermediate_size, "mlp"),
             ("hidden_size", config.hidden_size, "embed"), ("vocab_size", config.vocab_size, "vocab")]
     if batch is not None:
         need.append(("batch", batch, "batch"))
+    if length is not None:
+        need.append(("sequence length", length, "length"))
     for field, value, name in need:
         check_divisible(f"{field}={value}", (value,), (name,), sizes)
     abstract = _abstract_params(config)
@@ -316,7 +332,8 @@ def layout_report(config: ModelConfig, mesh_sizes: Mapping[str, int]) -> str:
         f"expert width {split('mlp', config.intermediate_size)}",
         f"  heads {split('heads', config.num_heads)}; KV heads {split('kv_heads', config.num_kv_heads)}; "
         f"hidden dim of parameters {split('embed', config.hidden_size)}",
-        f"  batch split {split_count('batch', sizes)} ways over {RULES['batch']}",
+        f"  batch split {split_count('batch', sizes)} ways over {RULES['batch']}; "
+        f"sequences split {split_count('length', sizes)} ways over {RULES['length']}",
         f"  parameters per device: {format_bytes(per_device)} of {format_bytes(total)} "
         f"(experts {format_bytes(b['experts_per_device'])}, other {format_bytes(b['other_per_device'])})",
     ])

@@ -5,6 +5,7 @@ from_pretrained. Prompts of 11 and 19 tokens and 24 new tokens cross several lig
 share shapes (batch 3 x 19 and batch 1 x 11, 24 steps) so that the few compiled programs are reused.
 """
 
+import math
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -292,21 +293,21 @@ def test_cli_on_a_mesh(hf_and_model, greedy1, capsys):
             "--max-new-tokens", str(NEW)]
     assert main(args + ["--mesh", "expert=2,tensor=2,data=-1"]) == 0
     out, err = capsys.readouterr()
-    assert [int(t) for t in out.split()] == greedy1.tokens[0] and "data=2 fsdp=1 expert=2 tensor=2" in err
+    assert [int(t) for t in out.split()] == greedy1.tokens[0] and "data=2 fsdp=1 context=1 expert=2 tensor=2" in err
     with pytest.raises(SystemExit, match="num_heads=4: dimension 'heads' of size 4 does not divide over mesh axes"):
         main(args + ["--mesh", "tensor=8"])
     with pytest.raises(SystemExit, match="expected AXIS=SIZE"):
         main(args + ["--mesh", "model=8"])
 
 
-@pytest.mark.parametrize("sizes", [dict(tensor=2), dict(data=2, expert=2, tensor=2)])
+@pytest.mark.parametrize("sizes", [dict(tensor=2), dict(data=2, expert=2, tensor=2), dict(context=2, tensor=2)])
 def test_sharded_generation_equals_unsharded(model, greedy3, sizes):
     """On a mesh: expert-parallel MoE, per-device lightning kernels, the batch of 3 padded to whole rows per
-    device (4 rows over data x expert)."""
+    device (4 rows over data x expert); over "context" the prefill splits the prompts and decoding does not."""
     from m1jax.loading import shard_model
     from m1jax.sharding import make_mesh
 
-    mesh = make_mesh(**sizes, devices=jax.devices()[:2 * sizes.get("data", 1) * sizes.get("expert", 1)])
+    mesh = make_mesh(**sizes, devices=jax.devices()[:math.prod(sizes.values())])
     out = m1jax.generate(shard_model(model, mesh), [P1, P2, P3], max_new_tokens=NEW, mesh=mesh)
     assert out.tokens == greedy3.tokens
     np.testing.assert_allclose(out.logprobs, greedy3.logprobs, atol=1e-5)

@@ -31,8 +31,8 @@ CONFIG = ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, 
 
 def test_make_mesh_fills_and_checks_axes():
     mesh = make_mesh(data=2, expert=-1)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
-    assert mesh.axis_types == (AxisType.Auto,) * 4
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "context": 1, "expert": 4, "tensor": 1}
+    assert mesh.axis_types == (AxisType.Auto,) * 5
     with pytest.raises(ShardingError, match="has 4 devices but 8 are available"):
         make_mesh(expert=4)
     with pytest.raises(ShardingError, match="only one mesh axis may be -1"):
@@ -86,7 +86,7 @@ def test_from_pretrained_places_every_parameter(monkeypatch, capsys):
     w1 = params_of(model)["cycles"]["layers"][0]["moe"]["w1"]
     assert w1.addressable_shards[0].data.shape == (1, 2, 32, 96)  # 2 of 8 experts, half the hidden dim
     report = capsys.readouterr().err
-    assert report.count("m1jax mesh: data=1 fsdp=2 expert=4 tensor=1") == 1
+    assert report.count("m1jax mesh: data=1 fsdp=2 context=1 expert=4 tensor=1") == 1
     assert "experts per layer 8 -> 2 per device (over expert=4)" in report
 
 

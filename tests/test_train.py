@@ -167,11 +167,13 @@ def test_loss_decreases_and_master_weights_stay_fp32(tmp_path):
 
 
 def test_sharded_accumulated_step_equals_single_device_full_batch(tmp_path):
-    """data x fsdp x expert = 2 x 2 x 2 virtual CPU devices, 2 accumulated micro-batches and remat, against one
-    device taking the whole batch at once (aux losses off: they are pooled per micro-batch)."""
+    """data x fsdp x expert = 2 x 2 x 2 virtual CPU devices, 2 accumulated micro-batches and remat, and sequences
+    split in 4 over "context" (x 2 over "tensor"), against one device taking the whole batch at once (aux losses
+    off: they are pooled per micro-batch)."""
     results = {}
     for name, accum, mesh in (("one", 1, make_mesh(devices=jax.devices()[:1])),
-                              ("eight", 2, make_mesh(data=2, fsdp=2, expert=2))):
+                              ("eight", 2, make_mesh(data=2, fsdp=2, expert=2)),
+                              ("context", 1, make_mesh(context=4, tensor=2))):
         tcfg = tiny_config(tmp_path, data={"grad_accum": accum, "batch_size": 16},
                            loss={"aux_coef": 0.0, "z_coef": 0.0}, run={"remat": "full"})
         trainer = make_trainer(tcfg.model_config(), tcfg, mesh)
@@ -181,11 +183,15 @@ def test_sharded_accumulated_step_equals_single_device_full_batch(tmp_path):
     assert len(w1.sharding.device_set) == 8 and w1.addressable_shards[0].data.shape[1] == 2  # experts split
     with pytest.raises(ShardingError, match="micro-batch is data.batch_size / data.grad_accum = 4 rows"):
         make_trainer(tcfg.model_config(), tiny_config(tmp_path, data={"grad_accum": 2}), make_mesh(data=8))
-    for a, b in zip(results["one"][0], results["eight"][0]):
-        for k in ("loss", "ce", "grad_norm", "expert_load_max", "target_tokens"):
-            np.testing.assert_allclose(a[k], b[k], rtol=2e-5, err_msg=k)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5),
-                 results["one"][1].params, results["eight"][1].params)
+    with pytest.raises(ShardingError, match="size 36 does not divide over mesh axes context=8 .* of data.seq_len = "
+                                            "36 tokens"):
+        make_trainer(tcfg.model_config(), tiny_config(tmp_path, data={"seq_len": 36}), make_mesh(context=8))
+    for other in ("eight", "context"):
+        for a, b in zip(results["one"][0], results[other][0]):
+            for k in ("loss", "ce", "grad_norm", "expert_load_max", "target_tokens"):
+                np.testing.assert_allclose(a[k], b[k], rtol=2e-5, err_msg=f"{other} {k}")
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5),
+                     results["one"][1].params, results[other][1].params)
 
 
 def test_non_finite_step_is_skipped_without_touching_the_state(tmp_path):

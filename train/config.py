@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from m1jax.config import ModelConfig, get_preset
+from m1jax.sharding import AXES
 
 
 class TrainConfigError(ValueError):
@@ -176,6 +177,7 @@ class TrainConfig:
         need(r.compute_dtype in ("float32", "bfloat16", "float16"), "run.compute_dtype",
              f"{r.compute_dtype!r} not in (float32, bfloat16, float16)")
         need(r.remat in REMAT, "run.remat", f"{r.remat!r} not in {REMAT}")
+        need(set(r.mesh) <= set(AXES), "run.mesh", f"axes {sorted(set(r.mesh) - set(AXES))} are not among {AXES}")
         for name in ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_nonfinite"):
             need(getattr(r, name) > 0, f"run.{name}", f"must be positive, got {getattr(r, name)}")
         rl = self.rl

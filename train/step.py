@@ -202,9 +202,10 @@ def make_trainer(config: ModelConfig, tcfg: TrainConfig, mesh: Mesh) -> Trainer:
         raise ValueError(f"make_trainer: master weights must be float32, got config.dtype={config.dtype!r}")
     micro = tcfg.data.batch_size // tcfg.data.grad_accum
     try:
-        validate(config, mesh.shape, batch=micro)
+        validate(config, mesh.shape, batch=micro, length=tcfg.data.seq_len)
     except ShardingError as e:
-        raise ShardingError(f"{e} (the micro-batch is data.batch_size / data.grad_accum = {micro} rows)") from None
+        raise ShardingError(f"{e} (the micro-batch is data.batch_size / data.grad_accum = {micro} rows of "
+                            f"data.seq_len = {tcfg.data.seq_len} tokens)") from None
     model = abstract_model(config)
     tx = make_optimizer(tcfg.optim, tcfg.run.steps)
     schedule = lr_schedule(tcfg.optim, tcfg.run.steps)

@@ -13,6 +13,9 @@ from jaxtyping import Array, Bool, Float, Int
 
 from m1jax.config import ModelConfig
 from m1jax.layers.common import dense_param
+from m1jax.sharding import constrain
+
+KEYS = ("batch", None, "kv_heads", None)  # every key slot on every device: queries split over "context" read all
 
 
 def rope_inv_freq(rotary_dim: int, theta: float) -> Float[Array, " half"]:
@@ -69,6 +72,7 @@ class SoftmaxAttention(nnx.Module):
         else:
             k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, offset, 0, 0))
             v_all = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, offset, 0, 0))
+        k_all, v_all = constrain(k_all, KEYS), constrain(v_all, KEYS)
         slots = jnp.arange(k_all.shape[1])
         allowed = key_valid[:, None, :] & (slots[None, None, :] <= offset + jnp.arange(n)[None, :, None])
         if segment_ids is not None:

@@ -12,7 +12,8 @@ from jaxtyping import Array, Float, Int
 from m1jax.config import ModelConfig, alibi_slopes
 from m1jax.layers.common import ACTIVATIONS, dense_param
 from m1jax.layers.norms import rms_norm
-from m1jax.sharding import per_device
+from m1jax.layers.context_parallel import join_pieces
+from m1jax.sharding import length_pieces, per_device
 from pallas_kernels import lightning_attention, lightning_decode_step
 
 
@@ -31,11 +32,19 @@ def lightning_slopes(config: ModelConfig) -> np.ndarray:
 SEQUENCE = ("batch", "length", "heads", None)  # q, k, v, out [batch, seq, heads, head_dim]
 TOKEN = ("batch", "heads", None)  # one decode token
 STATE = ("batch", "heads", None, None)
+PIECE_STATES = ("length", "batch", "heads", None, None)  # one state per piece of the sequence (context axis)
 
 
 def _attend(q, k, v, slopes, state, segment_ids, *, impl, chunk):
     return lightning_attention(q, k, v, slopes, initial_state=state, segment_ids=segment_ids, impl=impl,
                                chunk_size=chunk)
+
+
+def _attend_piece(q, k, v, slopes, segment_ids, *, impl, chunk):
+    """This device's piece of the sequence from a zero state; its final state with a leading piece axis."""
+    out, state = _attend(q, k, v, slopes, None, segment_ids, impl=impl, chunk=chunk)
+    return out, state[None]
+
 
 
 class LightningAttention(nnx.Module):
@@ -70,6 +79,12 @@ class LightningAttention(nnx.Module):
                               (TOKEN, TOKEN, TOKEN, ("heads",), STATE), (TOKEN, STATE))
             o, new_state = step(q[:, 0], k[:, 0], v[:, 0], slopes, state)
             o = o[:, None]
+        elif length_pieces(n) > 1:  # context parallel: pieces from zero states, then joined (context_parallel.py)
+            o, piece_states = per_device(
+                functools.partial(_attend_piece, impl=cfg.lightning_impl, chunk=cfg.block_size),
+                (SEQUENCE, SEQUENCE, SEQUENCE, ("heads",), ("batch", "length")),
+                (SEQUENCE, PIECE_STATES))(q, k, v, slopes, segment_ids)
+            o, new_state = join_pieces(o, piece_states, q, slopes, state, segment_ids)
         else:
             o, new_state = per_device(functools.partial(_attend, impl=cfg.lightning_impl, chunk=cfg.block_size),
                                       (SEQUENCE, SEQUENCE, SEQUENCE, ("heads",), STATE, ("batch", "length")),

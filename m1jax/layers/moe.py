@@ -16,6 +16,7 @@ from jaxtyping import Array, Float, Int
 from m1jax.config import ModelConfig
 from m1jax.layers.common import ACTIVATIONS, dense_param, fp32_matmul
 from m1jax.layers.moe_ep import grouped_swiglu, resolve_dispatch
+from m1jax.sharding import length_pieces
 from pallas_kernels import grouped_matmul
 from pallas_kernels.expert_matmul import expert_matmul
 
@@ -100,6 +101,21 @@ def choose_dispatch(dispatch, copies: int, num_experts: int):
     return resolved
 
 
+def piece_major(a: Float[Array, "batch seq *rest"], pieces: int) -> Float[Array, "tokens *rest"]:
+    """[batch, seq, ...] -> [tokens, ...] in the order (piece, row, position in the piece): with the sequence split
+    over the context axis in `pieces`, each device's tokens stay a contiguous block ("tokens" in m1jax.sharding),
+    so flattening moves nothing (row-major order would gather the sequences)."""
+    b, n = a.shape[:2]
+    return a.reshape(b, pieces, n // pieces, *a.shape[2:]).swapaxes(0, 1).reshape(b * n, *a.shape[2:])
+
+
+def batch_major(a: Float[Array, "tokens *rest"], batch: int, pieces: int) -> Float[Array, "batch seq *rest"]:
+    """The inverse of piece_major."""
+    t = a.shape[0]
+    return a.reshape(pieces, batch, t // (batch * pieces), *a.shape[1:]).swapaxes(0, 1).reshape(
+        batch, t // batch, *a.shape[1:])
+
+
 class MoE(nnx.Module):
     def __init__(self, config: ModelConfig, *, stack: tuple[int, ...] = (), rngs: nnx.Rngs):
         d, i, e = config.hidden_size, config.intermediate_size, config.num_experts
@@ -115,17 +131,19 @@ class MoE(nnx.Module):
         """`expert_threshold` (scalar or [batch]; see `route`) also adds per-row counts to the stats."""
         cfg = self.config
         b, n, d = h.shape
-        x = h.reshape(b * n, d)
-        threshold = None if expert_threshold is None else jnp.broadcast_to(
-            jnp.reshape(jnp.asarray(expert_threshold, jnp.float32), (-1, 1)), (b, n)).reshape(-1)
+        pieces = length_pieces(n)
+        x, mask = piece_major(h, pieces), piece_major(token_mask, pieces)
+        threshold = None if expert_threshold is None else piece_major(jnp.broadcast_to(
+            jnp.reshape(jnp.asarray(expert_threshold, jnp.float32), (-1, 1)), (b, n)), pieces)
         logits, probs, weights, experts = route(x, self.router[...], cfg.num_experts_per_tok, threshold)
         args = (x, self.w1[...], self.w3[...], self.w2[...], weights, experts, ACTIVATIONS[cfg.hidden_act])
         dispatch = choose_dispatch(dispatch, b * n * cfg.num_experts_per_tok, cfg.num_experts)
         if isinstance(dispatch, str):
             y, dropped = DISPATCH[dispatch](*args), jnp.zeros((), jnp.float32)
         else:  # expert parallel on the context mesh (m1jax.layers.moe_ep)
-            y, dropped = dispatch(*args, token_mask=token_mask.reshape(-1))
-        stats = router_stats(logits, probs, experts, token_mask.reshape(-1)) | {"dropped": dropped}
+            y, dropped = dispatch(*args, token_mask=mask)
+        stats = router_stats(logits, probs, experts, mask) | {"dropped": dropped}
         if threshold is not None:
-            stats.update(row_routing(experts, weights, token_mask, cfg.num_experts))
-        return y.reshape(b, n, d), stats
+            by_row = lambda a: batch_major(a, b, pieces).reshape(b * n, -1)
+            stats.update(row_routing(by_row(experts), by_row(weights), token_mask, cfg.num_experts))
+        return batch_major(y, b, pieces), stats
