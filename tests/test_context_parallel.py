@@ -69,10 +69,13 @@ def test_join_refuses_pieces_that_do_not_split_the_sequence():
         join_pieces(x["q"], states, x["q"], x["slopes"])
 
 
-def test_context_parallel_model_equals_single_device():
+@pytest.mark.parametrize("key_blocks", [False, True])
+def test_context_parallel_model_equals_single_device(key_blocks, request):
     """Sequences split in 4 over "context" (x 2 over "tensor"), packed documents, Pallas GPU kernels in interpret
-    mode: logits, the final cache states and every parameter gradient equal the single-device ones; every
-    lightning kernel runs per device."""
+    mode, softmax layers in one einsum or over key blocks: logits and every parameter gradient equal the
+    single-device ones; every lightning kernel runs per device."""
+    if key_blocks:
+        request.getfixturevalue("blockwise_only")
     config = dataclasses.replace(CONFIG, lightning_impl="pallas_gpu", block_size=16)
     model = init_model(config, seed=0)
     ids = jax.random.randint(jax.random.key(3), (2, 32), 0, config.vocab_size)

@@ -3,7 +3,8 @@
 Only the first `rotary_dim` dims of each head rotate, pairs (i, i + rotary_dim/2), angles and rotation in fp32;
 scores scaled by 1/sqrt(head_dim); query head j reads KV head j // (heads / kv_heads).
 Keys and values are written into a buffer at `offset` (the whole sequence when there is no cache), so prefill,
-chunked prefill and decode share one code path.
+chunked prefill and decode share one code path. Long contexts take the blockwise path, whose memory does not grow
+with the number of key slots.
 """
 
 import jax
@@ -12,10 +13,15 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from m1jax.config import ModelConfig
+from m1jax.layers.blockwise_attention import KeyMask, blockwise_attention
 from m1jax.layers.common import dense_param
 from m1jax.sharding import constrain
 
 KEYS = ("batch", None, "kv_heads", None)  # every key slot on every device: queries split over "context" read all
+# Scores of a call above this many bytes (fp32, all heads) are never materialised: the keys are visited in blocks
+# of KEY_BLOCK slots (layers/blockwise_attention.py). Below it one einsum is faster (training at 4K, decode).
+MAX_SCORE_BYTES = 2**33
+KEY_BLOCK = 1024
 
 
 def rope_inv_freq(rotary_dim: int, theta: float) -> Float[Array, " half"]:
@@ -73,16 +79,18 @@ class SoftmaxAttention(nnx.Module):
             k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, offset, 0, 0))
             v_all = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, offset, 0, 0))
         k_all, v_all = constrain(k_all, KEYS), constrain(v_all, KEYS)
-        slots = jnp.arange(k_all.shape[1])
-        allowed = key_valid[:, None, :] & (slots[None, None, :] <= offset + jnp.arange(n)[None, :, None])
-        if segment_ids is not None:
-            allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
+        slots = k_all.shape[1]
+        mask = KeyMask(key_valid, offset + jnp.arange(n), segment_ids, segment_ids)  # segments: no cache only
 
         groups = cfg.num_heads // cfg.num_kv_heads
         qg = q.reshape(b, n, cfg.num_kv_heads, groups, cfg.head_dim)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k_all.astype(q.dtype),
-                            preferred_element_type=jnp.float32) * cfg.head_dim ** -0.5
-        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v_all.dtype)
-        o = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_all).reshape(b, n, -1).astype(h.dtype)
-        return o @ self.o_proj[...], (k_all, v_all)
+        scale = cfg.head_dim ** -0.5
+        if b * cfg.num_heads * n * slots * 4 > MAX_SCORE_BYTES:  # long context: never all the scores at once
+            o = blockwise_attention(qg, k_all.astype(q.dtype), v_all, mask, block=KEY_BLOCK, scale=scale)
+        else:
+            scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k_all.astype(q.dtype),
+                                preferred_element_type=jnp.float32) * scale
+            scores = jnp.where(mask.block(0, slots), scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(v_all.dtype)
+            o = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_all)
+        return o.reshape(b, n, -1).astype(h.dtype) @ self.o_proj[...], (k_all, v_all)
