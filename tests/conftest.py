@@ -10,13 +10,13 @@ import pytest  # noqa: E402
 
 @pytest.fixture
 def blockwise_only(monkeypatch):
-    """Every softmax layer on the blockwise path (layers/blockwise_attention.py), in blocks of 8 key slots; fresh
+    """Every softmax layer on the blockwise path (layers/blockwise_attention.py), in blocks of 8 queries and 8 key slots; fresh
     traces before and after, so that no other test reuses one."""
     import jax
     from m1jax.layers import attention
 
     jax.clear_caches()
     monkeypatch.setattr(attention, "MAX_SCORE_BYTES", 0)
-    monkeypatch.setattr(attention, "KEY_BLOCK", 8)
+    monkeypatch.setattr(attention, "BLOCK", 8)
     yield
     jax.clear_caches()

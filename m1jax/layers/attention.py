@@ -18,10 +18,10 @@ from m1jax.layers.common import dense_param
 from m1jax.sharding import constrain
 
 KEYS = ("batch", None, "kv_heads", None)  # every key slot on every device: queries split over "context" read all
-# Scores of a call above this many bytes (fp32, all heads) are never materialised: the keys are visited in blocks
-# of KEY_BLOCK slots (layers/blockwise_attention.py). Below it one einsum is faster (training at 4K, decode).
+# Scores of a call above this many bytes (fp32, all heads) are never materialised: queries and key slots are taken
+# in blocks of BLOCK (layers/blockwise_attention.py). Below it one einsum is faster (training at 4K, decode).
 MAX_SCORE_BYTES = 2**33
-KEY_BLOCK = 1024
+BLOCK = 1024
 
 
 def rope_inv_freq(rotary_dim: int, theta: float) -> Float[Array, " half"]:
@@ -86,7 +86,7 @@ class SoftmaxAttention(nnx.Module):
         qg = q.reshape(b, n, cfg.num_kv_heads, groups, cfg.head_dim)
         scale = cfg.head_dim ** -0.5
         if b * cfg.num_heads * n * slots * 4 > MAX_SCORE_BYTES:  # long context: never all the scores at once
-            o = blockwise_attention(qg, k_all.astype(q.dtype), v_all, mask, block=KEY_BLOCK, scale=scale)
+            o = blockwise_attention(qg, k_all.astype(q.dtype), v_all, mask, block=BLOCK, scale=scale)
         else:
             scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k_all.astype(q.dtype),
                                 preferred_element_type=jnp.float32) * scale
