@@ -2,7 +2,7 @@
 # Every GPU check and benchmark in one device call, most valuable first; each part has its own time limit,
 # so one failure or hang costs only its slot. Tables go to stdout and to $OUT/*.md.
 # Usage (repo root, on the GPU machine; bench_local/ holds the fla wheel copied from ../shared/bench/wheels):
-#   bash benchmarks/run_gpu.sh [lightning grouped_matmul moe decode_parts generate decode_flags train]
+#   bash benchmarks/run_gpu.sh [lightning grouped_matmul moe decode_parts generate decode_flags train softmax_attention]
 set -o pipefail
 OUT=${OUT:-/tmp/m1jax_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
@@ -35,6 +35,7 @@ for p in ${@:-lightning grouped_matmul moe decode_parts generate train}; do
           python3 benchmarks/generate.py --batches 1 --dispatch auto --no-transformers --budget-s 35
       done ;;
     train) part train "${T_TRAIN:-80}" python3 benchmarks/train_step.py ;;
+    softmax_attention) part softmax_attention "${T_SOFTMAX:-90}" python3 benchmarks/softmax_attention.py ;;
     *) echo "unknown part $p" ;;
   esac
 done

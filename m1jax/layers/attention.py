@@ -42,6 +42,21 @@ def apply_partial_rope(
     return jnp.concatenate([rotated, rest], -1).astype(x.dtype)
 
 
+def dense_attention(
+    q: Float[Array, "batch seq kv_heads groups head_dim"],
+    k: Float[Array, "batch slots kv_heads head_dim"],
+    v: Float[Array, "batch slots kv_heads head_dim"],
+    mask: KeyMask,
+    *,
+    scale: float,
+) -> Float[Array, "batch seq kv_heads groups head_dim"]:
+    """The masked softmax of all the scores at once (fp32), probabilities in v's dtype: the transformers port."""
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask.block(0, k.shape[1]), scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+
+
 class SoftmaxAttention(nnx.Module):
     def __init__(self, config: ModelConfig, *, stack: tuple[int, ...] = (), rngs: nnx.Rngs):
         d, hd = config.hidden_size, config.head_dim
@@ -88,9 +103,5 @@ class SoftmaxAttention(nnx.Module):
         if b * cfg.num_heads * n * slots * 4 > MAX_SCORE_BYTES:  # long context: never all the scores at once
             o = blockwise_attention(qg, k_all.astype(q.dtype), v_all, mask, block=BLOCK, scale=scale)
         else:
-            scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k_all.astype(q.dtype),
-                                preferred_element_type=jnp.float32) * scale
-            scores = jnp.where(mask.block(0, slots), scores, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(v_all.dtype)
-            o = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_all)
+            o = dense_attention(qg, k_all.astype(q.dtype), v_all, mask, scale=scale)
         return o.reshape(b, n, -1).astype(h.dtype) @ self.o_proj[...], (k_all, v_all)
