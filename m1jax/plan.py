@@ -3,7 +3,8 @@
 Nothing is allocated and no devices are needed: the mesh may be larger than this machine. Counted per device:
 the parameters as sharded by m1jax.sharding, and for training one gradient copy in the parameter dtype,
 AdamW's m and v in fp32, and an fp32 master copy of every parameter not already fp32, all sharded like
-the parameters (ZeRO-style). Activations, caches and XLA temporaries are not counted.
+the parameters (ZeRO-style); with `--tokens`, an inference cache (m1jax.cache, sharded like the activations).
+Activations and XLA temporaries are not counted.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Mapping, NamedTuple
 
+from m1jax.cache import cache_bytes
 from m1jax.config import ConfigError, ModelConfig, get_preset
 from m1jax.sharding import (AXES, ShardingError, format_bytes, format_mesh, is_expert_weight, mesh_shape,
                             param_table, parse_mesh, split_count)
@@ -63,7 +65,9 @@ def fits(nbytes: float) -> str:
     return f"does NOT fit on {', '.join(too_small)}" + (f"; fits on {', '.join(ok)}" if ok else "")
 
 
-def format_plan(name: str, config: ModelConfig, plan: MemoryPlan) -> str:
+def format_plan(name: str, config: ModelConfig, plan: MemoryPlan,
+                cache: tuple[int, int, int, int] | None = None) -> str:
+    """The table; `cache`: (sequences, rows, tokens, bytes per device) of an inference cache to count as well."""
     ep = split_count("experts", plan.mesh)
     devices = math.prod(plan.mesh.values())
     rows = [
@@ -81,8 +85,18 @@ def format_plan(name: str, config: ModelConfig, plan: MemoryPlan) -> str:
              f"= {devices} devices", "",
              f"| {'per device':<{width}} | {'bytes':>10} |", f"|{'-' * (width + 2)}|{'-' * 12}|"]
     lines += [f"| {label:<{width}} | {format_bytes(n):>10} |" for label, n in rows]
-    lines += ["",
-              f"inference (parameters only): {format_bytes(plan.parameters)} per device: {fits(plan.parameters)}",
+    lines += [""]
+    if cache is None:
+        lines.append(f"inference (parameters only): {format_bytes(plan.parameters)} per device: "
+                     f"{fits(plan.parameters)}")
+    else:
+        batch, rows, tokens, nbytes = cache
+        padded = f", padded to {rows} rows (whole rows per device)" if rows != batch else ""
+        lines.append(f"inference cache for {batch} x {tokens:,} tokens{padded}: {format_bytes(nbytes)} per device "
+                     f"(fp32 lightning states and bf16 KV, sharded like the activations)")
+        lines.append(f"inference (parameters + cache): {format_bytes(plan.parameters + nbytes)} per device: "
+                     f"{fits(plan.parameters + nbytes)}")
+    lines += [
               f"training (AdamW, without activations): {format_bytes(plan.training)} per device: "
               f"{fits(plan.training)}"]
     return "\n".join(lines)
@@ -100,13 +114,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mesh", default="", help="axis sizes, e.g. expert=8 or fsdp=8,expert=8 (one may be -1)")
     parser.add_argument("--devices", type=int, help="total devices (default: the product of --mesh)")
     parser.add_argument("--dtype", help="override the parameter dtype (e.g. bfloat16, float32)")
+    parser.add_argument("--tokens", type=int, help="also count an inference cache of this many tokens per sequence")
+    parser.add_argument("--batch", type=int, default=1, help="sequences in that cache (default 1)")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.dtype)
         sizes = parse_mesh(args.mesh)
         devices = args.devices or math.prod(s for s in sizes.values() if s > 0)
         sizes = mesh_shape(**sizes, devices=devices)
-        print(format_plan(args.config, config, memory_plan(config, sizes)))
+        cache = None
+        if args.tokens is not None:
+            if args.tokens < 1 or args.batch < 1:
+                raise ShardingError(f"--tokens and --batch must be positive, got {args.tokens} and {args.batch}")
+            split = split_count("batch", sizes)  # generation pads the batch to whole rows per device
+            rows = -(-args.batch // split) * split
+            cache = (args.batch, rows, args.tokens, cache_bytes(config, rows, args.tokens, sizes))
+        print(format_plan(args.config, config, memory_plan(config, sizes), cache))
     except (ConfigError, ShardingError) as e:
         print(f"m1jax plan: {e}", file=sys.stderr)
         return 2

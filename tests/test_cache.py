@@ -57,6 +57,10 @@ def test_m1_cache_bytes_match_the_architecture_arithmetic():
     for tokens in (1, 1_000_000, 1 << 20):
         # + 1 byte per slot for key_valid, + offset and next_position (4 B each)
         assert cache_bytes(m1, 1, tokens) == states + kv_per_token * tokens + tokens + 8
+    # per device of expert=8 x tensor=2: one of 8 rows, half the heads and KV heads
+    assert cache_bytes(m1, 8, 1000, {"expert": 8, "tensor": 2}) == states // 2 + kv_per_token // 2 * 1000 + 1000 + 8
+    with pytest.raises(ShardingError, match="'batch' of size 3 does not divide over mesh axes expert=8"):
+        cache_bytes(m1, 3, 1000, {"expert": 8})
 
 
 def test_sharded_cache_follows_the_activation_layout():

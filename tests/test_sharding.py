@@ -218,5 +218,9 @@ def test_plan_matches_hand_computation(capsys):
     assert "151.20 GB per device: does NOT fit on H100 (80.00 GB), H200 (141.00 GB)" in out
     assert plan_main(["--config", "minimax-m1-80k", "--devices", "64", "--mesh", "fsdp=8,expert=8"]) == 0
     assert "inference (parameters only): 18.90 GB per device: fits on H100, H200" in capsys.readouterr().out
+    assert plan_main(["--config", "minimax-m1-80k", "--devices", "16", "--mesh", "fsdp=2,expert=8",
+                      "--tokens", "1000000"]) == 0
+    out = capsys.readouterr().out  # one 1M-token sequence: 41.25 GB (test_cache), one row on each device
+    assert "cache for 1 x 1,000,000 tokens, padded to 16 rows (whole rows per device): 41.25 GB per device" in out
     assert plan_main(["--config", "minimax-m1-80k", "--mesh", "expert=64"]) == 2
     assert "num_experts=32" in capsys.readouterr().err
