@@ -421,6 +421,10 @@ class Generation:
         batch = self._whole_rows(max(rows, min_batch))
         pieces = context_pieces(mesh, prefill_chunk)
         width = -(-max(tokens.shape[1], min_prompt_len) // pieces) * pieces
+        if cache is not None and int(cache["offset"]) and tokens.shape[1] % pieces:
+            raise ValueError(f"continuing a non-empty cache on a mesh with context={pieces} needs inputs of a "
+                             f"multiple of {pieces} tokens (left padding would decay the carried lightning state); "
+                             f"got {tokens.shape[1]}")
         tokens = np.pad(tokens, ((0, batch - rows), (width - tokens.shape[1], 0)), constant_values=self.pad_id)
         mask = np.pad(mask, ((0, batch - rows), (width - mask.shape[1], 0)))
         pad_rows = lambda a, v=0: np.concatenate([a, np.full(batch - rows, v, a.dtype)])

@@ -4,6 +4,7 @@ The join of lightning-attention pieces against the float64 token recurrence (out
 packed documents whose boundaries fall inside pieces and exactly on them), then the whole model on a CPU mesh.
 """
 
+import contextlib
 import dataclasses
 
 import jax
@@ -11,6 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import m1jax
+from m1jax.cache import init_cache
+from m1jax.generation import prefill
 from m1jax.layers.context_parallel import join_pieces
 from m1jax.loading import shard_model
 from m1jax.model import forward, init_model, params_of, with_params
@@ -104,3 +108,24 @@ def test_sequences_must_divide_over_the_context_axis():
     mesh = make_mesh(context=4, devices=jax.devices()[:4])
     with jax.set_mesh(mesh), pytest.raises(ShardingError, match="size 30 does not divide over mesh axes context=4"):
         forward(shard_model(model, mesh), jnp.ones((1, 30), jnp.int32))
+
+
+def test_generation_continues_a_cache_on_a_context_mesh():
+    """A document prefilled into a cache on context=2 (in chunks of 6), then a question continuing it: the tokens
+    equal the single-device ones (the carried lightning states enter the first piece). A question whose length
+    does not divide over the context axis is refused before anything runs, the cache intact."""
+    model = init_model(CONFIG, seed=0)
+    doc, question = [list(range(3, 21))], [[40, 41, 42, 43]]
+
+    def prefilled(model, mesh=None):
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            return prefill(model, init_cache(CONFIG, 1, 40, mesh=mesh), doc, chunk_size=6)[1]
+
+    want = m1jax.generate(model, question, cache=prefilled(model), max_new_tokens=5)
+    mesh = make_mesh(context=2, devices=jax.devices()[:2])
+    sharded = shard_model(model, mesh)
+    cache = prefilled(sharded, mesh)
+    with pytest.raises(ValueError, match="needs inputs of a multiple of 2 tokens .* got 3"):
+        m1jax.generate(sharded, [question[0][:3]], cache=cache, mesh=mesh, prefill_chunk=6)
+    got = m1jax.generate(sharded, question, cache=cache, max_new_tokens=5, prefill_chunk=6, mesh=mesh)
+    assert got.tokens == want.tokens
