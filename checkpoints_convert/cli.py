@@ -27,7 +27,7 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     h2o.add_argument("--dst", help="checkpoint directory to create (not needed with --dry-run)")
     h2o.add_argument("--dtype", choices=DTYPES, help="parameter dtype (default: the config's)")
     h2o.add_argument("--router-dtype", choices=DTYPES, help="router dtype (default: as stored, fp32 for M1)")
-    h2o.add_argument("--mesh", default="", help="AXIS=SIZE,... (data, fsdp, expert, tensor): check that "
+    h2o.add_argument("--mesh", default="", help="AXIS=SIZE,... (data, fsdp, context, expert, tensor): check that "
                      "the checkpoint can be restored on this mesh")
     h2o.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
     h2o.add_argument("--dry-run", action="store_true",

@@ -27,7 +27,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per prefill call")
     parser.add_argument("--mesh", default="",
                         help="shard the model and the batch over all devices on this mesh: AXIS=SIZE,... with axes "
-                             "data, fsdp, expert, tensor, one size may be -1 (e.g. expert=4,tensor=-1); "
+                             "data, fsdp, context, expert, tensor, one size may be -1 (e.g. expert=4,tensor=-1); "
                              "default: one device")
 
 

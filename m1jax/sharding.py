@@ -157,20 +157,20 @@ def check_divisible(what: str, shape: Sequence[int], names: Sequence[str | None]
 
 
 def split_mesh():
-    """The context mesh (`jax.set_mesh`) when it splits work over several devices (not inside a shard_map), else
+    """The current mesh (`jax.set_mesh`) when it splits work over several devices (not inside a shard_map), else
     None."""
     mesh = jax.sharding.get_abstract_mesh()
     return None if mesh.empty or mesh.size == 1 or mesh.are_all_axes_manual else mesh
 
 
 def length_pieces(seq: int) -> int:
-    """Into how many pieces the context mesh splits a sequence of `seq` tokens (1 for a single token)."""
+    """Into how many pieces the current mesh's "context" axis splits a sequence of `seq` tokens (1 for one token)."""
     mesh = split_mesh()
     return 1 if mesh is None or seq == 1 else split_count("length", mesh.shape)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """Pin an activation to its logical sharding on the context mesh (`jax.set_mesh`); no-op without one."""
+    """Pin an activation to its logical sharding on the current mesh (`jax.set_mesh`); no-op without one."""
     mesh = split_mesh()
     if mesh is None:
         return x
@@ -182,7 +182,7 @@ Names = tuple[str | None, ...]
 
 
 def per_device(fn: Callable, in_names: Sequence[Names], out_names: Sequence[Names]) -> Callable:
-    """`fn` run on each device's shards over the context mesh: a `jax.shard_map` whose specs follow these logical
+    """`fn` run on each device's shards over the current mesh: a `jax.shard_map` whose specs follow these logical
     names (one tuple per operand and per output); `fn` itself without a multi-device mesh.
 
     For work that is independent along the split dimensions but that XLA cannot split itself: a Pallas kernel is

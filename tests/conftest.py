@@ -10,8 +10,8 @@ import pytest  # noqa: E402
 
 @pytest.fixture
 def blockwise_only(monkeypatch):
-    """Every softmax layer on the blockwise path (layers/blockwise_attention.py), in blocks of 8 queries and 8 key slots; fresh
-    traces before and after, so that no other test reuses one."""
+    """Every softmax layer on the blockwise path (layers/blockwise_attention.py), in blocks of 8 queries and 8 key
+    slots; fresh traces before and after, so that no other test reuses one."""
     import jax
     from m1jax.layers import attention
 

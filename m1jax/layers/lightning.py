@@ -46,7 +46,6 @@ def _attend_piece(q, k, v, slopes, segment_ids, *, impl, chunk):
     return out, state[None]
 
 
-
 class LightningAttention(nnx.Module):
     def __init__(self, config: ModelConfig, *, stack: tuple[int, ...] = (), rngs: nnx.Rngs):
         d, inner = config.hidden_size, config.num_heads * config.head_dim

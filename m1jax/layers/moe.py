@@ -4,7 +4,7 @@ Routing: fp32 softmax over all experts, then top-k, then the top-k weights renor
 transformers port). Three single-device dispatches compute the same function: `dense` runs every expert on every
 token (the reference), `ragged` sorts token copies by expert and uses grouped matmuls, `gather` multiplies each
 token copy by its own expert's weights (no sort or tile schedule: the fewest launches, for a few tokens at decode);
-`ep` (layers/moe_ep.py) runs them expert-parallel on the context mesh. `auto` picks `ep` under a multi-device
+`ep` (layers/moe_ep.py) runs them expert-parallel on the current mesh. `auto` picks `ep` under a multi-device
 mesh, else on a GPU `gather` when the token copies are at most half the experts (decode), else `ragged`.
 """
 
@@ -140,7 +140,7 @@ class MoE(nnx.Module):
         dispatch = choose_dispatch(dispatch, b * n * cfg.num_experts_per_tok, cfg.num_experts)
         if isinstance(dispatch, str):
             y, dropped = DISPATCH[dispatch](*args), jnp.zeros((), jnp.float32)
-        else:  # expert parallel on the context mesh (m1jax.layers.moe_ep)
+        else:  # expert parallel on the current mesh (m1jax.layers.moe_ep)
             y, dropped = dispatch(*args, token_mask=mask)
         stats = router_stats(logits, probs, experts, mask) | {"dropped": dropped}
         if threshold is not None:

@@ -1,7 +1,7 @@
 """Expert-parallel MoE dispatch: each token copy travels to the device holding its expert and back.
 
-One `jax.shard_map` over the whole context mesh. Each device holds a block of tokens (split over the
-"tokens" axes: data, fsdp, expert) and E/ep experts (split over "expert", their width over "tensor"). It
+One `jax.shard_map` over the whole current mesh (`jax.set_mesh`). Each device holds a block of tokens (split over
+the "tokens" axes: context, data, fsdp, expert) and E/ep experts (split over "expert", their width over "tensor"). It
   1. sorts its token copies by expert (with a capacity factor: keeps the first `capacity` copies of each
      expert in token order and counts the rest as dropped; padding tokens never leave),
   2. exchanges per-expert counts, then the rows, over the expert axis: `ragged_all_to_all` where the
@@ -40,7 +40,7 @@ def default_grouped_matmul() -> Callable:
 
 
 def resolve_dispatch(dispatch: "str | ExpertParallel") -> "str | ExpertParallel":
-    """"auto" -> ExpertParallel() under a multi-device context mesh, else "ragged"; "ep" -> ExpertParallel().
+    """"auto" -> ExpertParallel() under a multi-device current mesh, else "ragged"; "ep" -> ExpertParallel().
 
     A single-device dispatch ("dense", "ragged") under a mesh that splits the experts is refused: it would
     quietly gather every expert onto every device instead of running expert-parallel.
