@@ -222,16 +222,18 @@ def test_the_engine_prefills_a_joiner_between_segments(model):
     assert results["L"].tokens == solo(model, L, max_new_tokens=6).tokens[0] and engine.stats["joined"] == 1
 
 
-def test_the_engine_on_a_mesh(model):
-    """On a data=2 x tensor=2 mesh every batch holds whole rows per device (a lone request: 1 row padded to 2);
-    a joiner takes the padding row, a second one grows the batch to 4 rows; when both are done the batch shrinks
-    back to 1 row; each request equals its unsharded solo run."""
+@pytest.mark.parametrize("sizes", [dict(data=2, tensor=2), dict(data=2, context=2)])
+def test_the_engine_on_a_mesh(model, sizes):
+    """On a data=2 x tensor=2 mesh (or data=2 x context=2: prompts split over two devices) every batch holds whole
+    rows per device (a lone request: 1 row padded to 2); a joiner takes the padding row, a second one grows the
+    batch to 4 rows; when both are done the batch shrinks back to 1 row; each request equals its unsharded solo
+    run."""
     import jax
 
     from m1jax.loading import shard_model
     from m1jax.sharding import make_mesh
 
-    mesh = make_mesh(data=2, tensor=2, devices=jax.devices()[:4])
+    mesh = make_mesh(**sizes, devices=jax.devices()[:4])
     engine = Engine(shard_model(model, mesh), max_batch=4, segment=4, min_prompt_bucket=32, min_steps_bucket=16,
                     mesh=mesh).start()
     results, shapes = {}, []
