@@ -38,6 +38,8 @@ def test_config_file_overrides_and_errors(tmp_path):
         TrainConfig.load(path, ["data.batch_size=6", "data.grad_accum=4"])
     with pytest.raises(TrainConfigError, match="run.steps: expected int"):
         TrainConfig.load(path, ["run.steps=ten"])
+    with pytest.raises(TrainConfigError, match=r"run.mesh: axes \['model'\] are not among"):
+        TrainConfig.load(path, ["run.mesh={model: 2, context: 2}"])
 
 
 # ---- data ------------------------------------------------------------------------------------------
