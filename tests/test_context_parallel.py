@@ -73,21 +73,23 @@ def test_join_refuses_pieces_that_do_not_split_the_sequence():
         join_pieces(x["q"], states, x["q"], x["slopes"])
 
 
-@pytest.mark.parametrize("key_blocks", [False, True])
-def test_context_parallel_model_equals_single_device(key_blocks, request):
-    """Sequences split in 4 over "context" (x 2 over "tensor"), packed documents, Pallas GPU kernels in interpret
-    mode, softmax layers in one einsum or over key blocks: logits and every parameter gradient equal the
-    single-device ones; every lightning kernel runs per device."""
+@pytest.mark.parametrize("sizes, key_blocks", [(dict(context=4, tensor=2), False), (dict(context=4, tensor=2), True),
+                                               (dict(context=2, data=2, expert=2), False)])
+def test_context_parallel_model_equals_single_device(sizes, key_blocks, request):
+    """Sequences split in 4 over "context" (x 2 over "tensor"), or in 2 beside expert-parallel MoE layers (tokens
+    exchanged over "expert"), packed documents, Pallas GPU kernels in interpret mode, softmax layers in one einsum or
+    over key blocks: logits and every parameter gradient equal the single-device ones; every lightning kernel runs
+    per device."""
     if key_blocks:
         request.getfixturevalue("blockwise_only")
     config = dataclasses.replace(CONFIG, lightning_impl="pallas_gpu", block_size=16)
     model = init_model(config, seed=0)
-    ids = jax.random.randint(jax.random.key(3), (2, 32), 0, config.vocab_size)
-    seg = jnp.asarray(np.repeat([[0] * 12 + [1] * 20, [4] * 8 + [5] * 9 + [6] * 15], 1, axis=0), jnp.int32)
+    ids = jax.random.randint(jax.random.key(3), (4, 32), 0, config.vocab_size)
+    seg = jnp.asarray([[0] * 12 + [1] * 20, [4] * 8 + [5] * 9 + [6] * 15, [2] * 16 + [3] * 16, [1] * 32], jnp.int32)
     logits = lambda params, model: forward(with_params(model, params), ids, segment_ids=seg).logits
     loss = lambda params, model: jnp.sum(logits(params, model) ** 2)
     want, want_grads = logits(params_of(model), model), jax.grad(loss)(params_of(model), model)
-    mesh = make_mesh(context=4, tensor=2)
+    mesh = make_mesh(**sizes)
     with jax.set_mesh(mesh):
         sharded = shard_model(model, mesh)
         got = jax.jit(logits)(params_of(sharded), sharded)

@@ -1,4 +1,4 @@
-"""Softmax attention over blocks of key slots with an online softmax (FlashAttention's algorithm, in XLA).
+"""Softmax attention in blocks of queries and key slots with an online softmax (FlashAttention's algorithm, in XLA).
 
 The scores of a chunk of n queries against S key slots take n * S * heads fp32 numbers: at M1's 1M-token context a
 2048-token prefill chunk would need half a terabyte per softmax layer. Here queries are taken `block` at a time, and
