@@ -1,6 +1,7 @@
 #!/bin/bash
 # Every GPU check and benchmark in one device call, most valuable first; each part has its own time limit,
 # so one failure or hang costs only its slot. Tables go to stdout and to $OUT/*.md.
+# Before spending device time: `python -m pytest -m slow tests/test_benchmarks.py` runs every script on the CPU.
 # Usage (repo root, on the GPU machine; bench_local/ holds the fla wheel copied from ../shared/bench/wheels):
 #   bash benchmarks/run_gpu.sh [lightning grouped_matmul moe decode_parts generate decode_flags train softmax_attention]
 set -o pipefail
