@@ -23,7 +23,7 @@ from m1jax.layers.common import dense_param, fp32_matmul
 from m1jax.layers.lightning import LightningAttention, lightning_slopes
 from m1jax.layers.moe import MoE
 from m1jax.layers.norms import RMSNorm
-from m1jax.sharding import constrain, residual_names
+from m1jax.sharding import constrain, length_pieces, residual_names
 
 
 class Context(NamedTuple):
@@ -84,9 +84,10 @@ class LayerCycle(nnx.Module):
 
 
 class Output(NamedTuple):
-    logits: Float[Array, "batch seq vocab"]  # fp32
+    logits: Float[Array, "batch seq vocab"] | None  # fp32; None with head=False
     cache: Any  # updated per-layer caches ({cycle position: stacked cache}) or None
     router: dict  # per-layer router statistics, each with a leading [num_layers] axis
+    hidden: Float[Array, "batch seq d"] | None = None  # the final-normed hidden states, with head=False
 
 
 class M1Model(nnx.Module):
@@ -126,7 +127,7 @@ REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
                   "sublayers": jax.checkpoint_policies.save_only_these_names("attention_out", "moe_out")}
 
 
-@functools.partial(jax.jit, static_argnames=("scan", "dispatch", "remat", "last_only"))
+@functools.partial(jax.jit, static_argnames=("scan", "dispatch", "remat", "last_only", "head"))
 def forward(
     model: M1Model,
     input_ids: Int[Array, "batch seq"],
@@ -140,6 +141,7 @@ def forward(
     remat: bool | str = False,
     expert_threshold: Array | float | None = None,
     last_only: bool = False,
+    head: bool = True,
 ) -> Output:
     """The whole decoder as one pure function.
 
@@ -153,6 +155,7 @@ def forward(
     `expert_threshold` (scalar or [batch]) skips selected experts whose routing weight is below it (inference
     only; 0 skips nothing) and adds per-row counts "row_selected"/"row_skipped" [layers, batch, E] to `router`.
     `last_only`: logits of the last position only ([batch, 1, vocab]; prefill needs no more).
+    `head=False`: no logits; `hidden` holds the final-normed hidden states (for `next_token_logprobs`).
     """
     cfg = model.config
     b, n = input_ids.shape
@@ -195,14 +198,51 @@ def forward(
             outs.append((new_c, stats_c))
         new_caches, stats = jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
-    logits = model.head(model.final_norm(x[:, -1:] if last_only else x))
+    y = model.final_norm(x[:, -1:] if last_only else x)
     # stats: {j: leaf [num_cycles, ...]} -> leaf [num_layers, ...] in absolute layer order
     router = jax.tree.map(lambda *per_j: jnp.stack(per_j, 1).reshape((cfg.num_layers,) + per_j[0].shape[1:]),
                           *[stats[j] for j in range(period)])
     out_cache = None if cache is None else {
         "layers": new_caches, "key_valid": ctx.key_valid, "offset": ctx.offset + n,
         "next_position": cache["next_position"] + jnp.sum(token_mask, axis=1, dtype=jnp.int32)}
-    return Output(logits, out_cache, router)
+    return Output(model.head(y), out_cache, router) if head else Output(None, out_cache, router, y)
+
+
+# The LM head over a whole training batch: logits above this many bytes (fp32) are computed LOGIT_CHUNK positions at
+# a time and recomputed in the backward (M1's 200K vocabulary at 32K tokens would take 26 GB per sequence).
+MAX_LOGIT_BYTES = 2**32
+LOGIT_CHUNK = 1024
+
+
+def next_token_logprobs(model: M1Model, hidden: Float[Array, "batch seq d"], tokens: Int[Array, "batch seq"]
+                        ) -> Float[Array, "batch seq-1"]:
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) (fp32) from the final hidden states (`forward(..., head=False)`).
+
+    Large batches take the head chunk by chunk of positions within each piece of the sequence (so that under
+    context parallelism every device works on its own positions); each chunk's logits are recomputed in the
+    backward instead of kept. The result does not depend on the chunking."""
+    b, n, _ = hidden.shape
+    targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)  # position t predicts t+1; the last unused
+
+    def logprobs(h, t):
+        logits = model.head(h)
+        return jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+
+    if b * n * model.config.vocab_size * 4 <= MAX_LOGIT_BYTES:
+        return logprobs(hidden, targets)[:, :-1]
+    pieces = length_pieces(n)
+    length = n // pieces
+    chunk = min(LOGIT_CHUNK, length)
+    pad = -length % chunk
+
+    def chunked(a):  # [b, n, ...] -> [chunks, b, pieces, chunk, ...]
+        a = a.reshape(b, pieces, length, *a.shape[2:])
+        a = jnp.pad(a, ((0, 0), (0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 3))
+        return jnp.moveaxis(a.reshape(b, pieces, -1, chunk, *a.shape[3:]), 2, 0)
+
+    out = jax.lax.map(jax.checkpoint(lambda xs: logprobs(*xs)), (chunked(hidden), chunked(targets)))
+    out = jnp.moveaxis(out, 0, 2).reshape(b, pieces, length + pad)[:, :, :length]
+    return out.reshape(b, n)[:, :-1]
 
 
 # ---- construction and accounting ---------------------------------------------------------------

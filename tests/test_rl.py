@@ -10,12 +10,11 @@ import pytest
 
 import m1jax
 from m1jax.default_model import default_model_path
-from m1jax.model import forward, params_of
+from m1jax.model import forward, next_token_logprobs, params_of
 from m1jax.tokenizer import load_tokenizer
 from train import rl as rl_module
 from train.cispo import cispo_loss, group_advantages, importance_stats
 from train.config import RLSection, TrainConfig, TrainConfigError
-from train.step import token_logprobs
 
 EPS_HIGH, EPS_LOW = 0.5, 0.3
 
@@ -82,7 +81,8 @@ def test_the_samplers_logprobs_are_the_training_forwards(default_policy):
     rl = RLSection(prompts=3, group_size=4, max_new_tokens=40)
     batch, stats = rl_module.rollout(model, tok, rl_module.ArithmeticTask(0), rl, 0, 0, None)
     assert batch.tokens.shape[0] == 12 and batch.completion_mask.sum() == 12 * stats["completion_tokens"]
-    logp = token_logprobs(forward(model, batch.tokens, attention_mask=batch.attention_mask).logits, batch.tokens)
+    hidden = forward(model, batch.tokens, attention_mask=batch.attention_mask, head=False).hidden
+    logp = next_token_logprobs(model, hidden, batch.tokens)
     generated = batch.completion_mask > 0
     assert np.all(batch.old_logprobs[generated] <= 0) and np.all(batch.old_logprobs[~generated] == 0)
     np.testing.assert_allclose(np.asarray(logp)[generated], batch.old_logprobs[generated], atol=2e-5)

@@ -1,5 +1,6 @@
 """The train step and data pipeline: config parsing, packing, loss definition, accumulation, sharding, aux loss."""
 
+import contextlib
 import json
 
 import jax
@@ -128,6 +129,39 @@ def test_packed_loss_equals_documents_run_alone(tmp_path):
     expected = -sum(logp[r, t, d[t + 1]] for r, d in enumerate(docs) for t in range(len(d) - 1)
                     if r != 1 or t + 1 >= prompt)
     np.testing.assert_allclose(float(packed), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sizes", [None, dict(data=2, context=2)])
+def test_chunked_lm_head_gives_the_whole_heads_logprobs_and_gradients(tmp_path, monkeypatch, sizes):
+    """next_token_logprobs with the head taken 8 positions at a time (pieces of 18 padded to 24; under context=2
+    each device's own positions) equals log_softmax of the full logits, and so do the parameter gradients."""
+    from m1jax import model as model_module
+    from m1jax.loading import shard_model
+    from m1jax.model import next_token_logprobs, with_params
+
+    cfg = tiny_config(tmp_path).model_config()
+    model = init_model(cfg, 2)
+    ids = jax.random.randint(jax.random.key(5), (4, 36), 0, cfg.vocab_size)
+    weights = jax.random.normal(jax.random.key(6), (4, 35))
+
+    def whole(params):
+        logp = jax.nn.log_softmax(forward(with_params(model, params), ids).logits[:, :-1])
+        return jnp.sum(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0] * weights)
+
+    def chunked(params, model):
+        model = with_params(model, params)
+        return jnp.sum(next_token_logprobs(model, forward(model, ids, head=False).hidden, ids) * weights)
+
+    want, want_grads = jax.value_and_grad(whole)(params_of(model))
+    monkeypatch.setattr(model_module, "MAX_LOGIT_BYTES", 0)
+    monkeypatch.setattr(model_module, "LOGIT_CHUNK", 8)
+    mesh = None if sizes is None else make_mesh(**sizes, devices=jax.devices()[:4])
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        sharded = model if mesh is None else shard_model(model, mesh)
+        got, got_grads = jax.jit(jax.value_and_grad(chunked))(params_of(sharded), sharded)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+        assert float(jnp.abs(g - w).max()) <= 1e-5 * float(jnp.abs(w).max())
 
 
 def test_aux_loss_matches_transformers_on_the_models_router_logits(tmp_path, monkeypatch):

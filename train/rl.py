@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from m1jax import losses
 from m1jax.generation import Generation
-from m1jax.model import M1Model, abstract_model, forward, with_params
+from m1jax.model import M1Model, abstract_model, forward, next_token_logprobs, with_params
 from m1jax.sharding import make_mesh, split_count
 from train.checkpointing import Checkpointer
 from train.cispo import cispo_loss, group_advantages, importance_stats
@@ -34,7 +34,7 @@ from train.data import DataState
 from train.distributed import maybe_initialize_distributed
 from train.loop import NonFiniteLossError, RunResult, StopSignal, initial_params, starting_model
 from train.metrics import MetricsLogger
-from train.step import TrainState, apply_update, cast_for_compute, expert_load, make_trainer, on_mesh, token_logprobs
+from train.step import TrainState, apply_update, cast_for_compute, expert_load, make_trainer, on_mesh
 
 
 class Task(Protocol):
@@ -113,9 +113,11 @@ def cispo_step(model: M1Model, tcfg: TrainConfig, tx, schedule, state: TrainStat
     aux_coef = model.config.router_aux_loss_coef if tcfg.loss.aux_coef is None else tcfg.loss.aux_coef
 
     def loss_fn(params):
-        out = forward(with_params(model, cast_for_compute(params, tcfg.run.compute_dtype)), batch.tokens,
-                      attention_mask=batch.attention_mask, remat=False if tcfg.run.remat == "none" else tcfg.run.remat)
-        logp, clip = token_logprobs(out.logits, batch.tokens), dict(eps_high=tcfg.rl.eps_high, eps_low=tcfg.rl.eps_low)
+        policy_model = with_params(model, cast_for_compute(params, tcfg.run.compute_dtype))
+        out = forward(policy_model, batch.tokens, attention_mask=batch.attention_mask,
+                      remat=False if tcfg.run.remat == "none" else tcfg.run.remat, head=False)
+        logp, clip = next_token_logprobs(policy_model, out.hidden, batch.tokens), dict(eps_high=tcfg.rl.eps_high,
+                                                                                       eps_low=tcfg.rl.eps_low)
         signal = batch.completion_mask * (batch.advantages != 0)[:, None]  # groups with equal rewards: left out
         policy = cispo_loss(logp, batch.old_logprobs, batch.advantages, signal, **clip)
         stats = importance_stats(logp, batch.old_logprobs, batch.completion_mask, **clip)

@@ -21,7 +21,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from m1jax import losses
 from m1jax.config import ModelConfig
-from m1jax.model import M1Model, abstract_model, forward, init_model, params_of, with_params
+from m1jax.model import M1Model, abstract_model, forward, init_model, next_token_logprobs, params_of, with_params
 from m1jax.sharding import ShardingError, logical_spec, param_shardings, validate
 from train.config import OptimSection, TrainConfig
 
@@ -73,18 +73,10 @@ def target_mask(segment_ids: Int[Array, "batch seq"], loss_mask: Bool[Array, "ba
     return (same_doc & loss_mask[:, 1:]).astype(jnp.float32)
 
 
-def token_logprobs(logits: Float[Array, "batch seq vocab"], tokens: Int[Array, "batch seq"]
-                   ) -> Float[Array, "batch seq-1"]:
-    """log p(tokens[:, t+1] | tokens[:, :t+1]) from the logits (fp32; position t predicts token t+1)."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
-
-
-def cross_entropy_sum(logits: Float[Array, "batch seq vocab"], input_ids: Int[Array, "batch seq"],
+def cross_entropy_sum(model: M1Model, hidden: Float[Array, "batch seq d"], input_ids: Int[Array, "batch seq"],
                       targets: Float[Array, "batch seq-1"]) -> Float[Array, ""]:
     """Summed next-token negative log-likelihood (fp32) over the positions where `targets` (target_mask) is 1."""
-    return -jnp.sum(token_logprobs(logits, input_ids) * targets)
+    return -jnp.sum(next_token_logprobs(model, hidden, input_ids) * targets)
 
 
 def cast_for_compute(params: dict, dtype) -> dict:
@@ -102,10 +94,10 @@ class LossTerms(NamedTuple):
 
 def loss_terms(model: M1Model, params: dict, input_ids, segment_ids, loss_mask, compute_dtype, remat: str
                ) -> LossTerms:
-    out = forward(with_params(model, cast_for_compute(params, compute_dtype)), input_ids,
-                  attention_mask=segment_ids > 0, segment_ids=segment_ids,
-                  remat=False if remat == "none" else remat)
-    return LossTerms(cross_entropy_sum(out.logits, input_ids, target_mask(segment_ids, loss_mask)),
+    model = with_params(model, cast_for_compute(params, compute_dtype))
+    out = forward(model, input_ids, attention_mask=segment_ids > 0, segment_ids=segment_ids,
+                  remat=False if remat == "none" else remat, head=False)
+    return LossTerms(cross_entropy_sum(model, out.hidden, input_ids, target_mask(segment_ids, loss_mask)),
                      losses.load_balancing_loss(out.router, model.config.num_experts),
                      losses.router_z_loss(out.router), losses.tokens_per_expert(out.router))
 
