@@ -3,7 +3,8 @@
 # so one failure or hang costs only its slot. Tables go to stdout and to $OUT/*.md.
 # Before spending device time: `python -m pytest -m slow tests/test_benchmarks.py` runs every script on the CPU.
 # Usage (repo root, on the GPU machine; bench_local/ holds the fla wheel copied from ../shared/bench/wheels):
-#   bash benchmarks/run_gpu.sh [lightning grouped_matmul moe decode_parts generate decode_flags train softmax_attention]
+#   bash benchmarks/run_gpu.sh [lightning grouped_matmul moe decode_parts generate decode_flags train softmax_attention
+#                               train_long]
 set -o pipefail
 OUT=${OUT:-/tmp/m1jax_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
@@ -37,6 +38,8 @@ for p in ${@:-lightning grouped_matmul moe decode_parts generate train}; do
       done ;;
     train) part train "${T_TRAIN:-80}" python3 benchmarks/train_step.py ;;
     softmax_attention) part softmax_attention "${T_SOFTMAX:-90}" python3 benchmarks/softmax_attention.py ;;
+    train_long)  # one 32K-token sequence: blockwise softmax layers (their scores would take 68 GB)
+      part train_long "${T_TRAIN_LONG:-120}" python3 benchmarks/train_step.py --seq 32768 --batch 1 ;;
     *) echo "unknown part $p" ;;
   esac
 done
