@@ -73,8 +73,10 @@ def test_join_refuses_pieces_that_do_not_split_the_sequence():
         join_pieces(x["q"], states, x["q"], x["slopes"])
 
 
-@pytest.mark.parametrize("sizes, key_blocks", [(dict(context=4, tensor=2), False), (dict(context=4, tensor=2), True),
-                                               (dict(context=2, data=2, expert=2), False)])
+@pytest.mark.parametrize("sizes, key_blocks", [
+    (dict(context=4, tensor=2), False),
+    pytest.param(dict(context=4, tensor=2), True, marks=pytest.mark.slow),
+    (dict(context=2, data=2, expert=2), False)])
 def test_context_parallel_model_equals_single_device(sizes, key_blocks, request):
     """Sequences split in 4 over "context" (x 2 over "tensor"), or in 2 beside expert-parallel MoE layers (tokens
     exchanged over "expert"), packed documents, Pallas GPU kernels in interpret mode, softmax layers in one einsum or

@@ -222,7 +222,8 @@ def test_the_engine_prefills_a_joiner_between_segments(model):
     assert results["L"].tokens == solo(model, L, max_new_tokens=6).tokens[0] and engine.stats["joined"] == 1
 
 
-@pytest.mark.parametrize("sizes", [dict(data=2, tensor=2), dict(data=2, context=2)])
+@pytest.mark.parametrize("sizes", [dict(data=2, tensor=2),
+                                   pytest.param(dict(data=2, context=2), marks=pytest.mark.slow)])
 def test_the_engine_on_a_mesh(model, sizes):
     """On a data=2 x tensor=2 mesh (or data=2 x context=2: prompts split over two devices) every batch holds whole
     rows per device (a lone request: 1 row padded to 2); a joiner takes the padding row, a second one grows the

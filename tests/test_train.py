@@ -1,6 +1,5 @@
 """The train step and data pipeline: config parsing, packing, loss definition, accumulation, sharding, aux loss."""
 
-import contextlib
 import json
 
 import jax
@@ -131,10 +130,10 @@ def test_packed_loss_equals_documents_run_alone(tmp_path):
     np.testing.assert_allclose(float(packed), expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("sizes", [None, dict(data=2, context=2)])
-def test_chunked_lm_head_gives_the_whole_heads_logprobs_and_gradients(tmp_path, monkeypatch, sizes):
-    """next_token_logprobs with the head taken 8 positions at a time (pieces of 18 padded to 24; under context=2
-    each device's own positions) equals log_softmax of the full logits, and so do the parameter gradients."""
+def test_chunked_lm_head_gives_the_whole_heads_logprobs_and_gradients(tmp_path, monkeypatch):
+    """next_token_logprobs with the head taken 8 positions at a time within each device's piece of the sequence
+    (data=2 x context=2: pieces of 18 padded to 24) equals log_softmax of the full logits, and so do the parameter
+    gradients."""
     from m1jax import model as model_module
     from m1jax.loading import shard_model
     from m1jax.model import next_token_logprobs, with_params
@@ -155,9 +154,9 @@ def test_chunked_lm_head_gives_the_whole_heads_logprobs_and_gradients(tmp_path, 
     want, want_grads = jax.value_and_grad(whole)(params_of(model))
     monkeypatch.setattr(model_module, "MAX_LOGIT_BYTES", 0)
     monkeypatch.setattr(model_module, "LOGIT_CHUNK", 8)
-    mesh = None if sizes is None else make_mesh(**sizes, devices=jax.devices()[:4])
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        sharded = model if mesh is None else shard_model(model, mesh)
+    mesh = make_mesh(data=2, context=2, devices=jax.devices()[:4])
+    with jax.set_mesh(mesh):
+        sharded = shard_model(model, mesh)
         got, got_grads = jax.jit(jax.value_and_grad(chunked))(params_of(sharded), sharded)
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
     for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):

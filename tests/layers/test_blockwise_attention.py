@@ -46,7 +46,7 @@ def case(seed, dtype=jnp.float32, packed=False):
     return cast(q), cast(k), cast(v), mask, allowed
 
 
-@pytest.mark.parametrize("block", [8, 16, 64])
+@pytest.mark.parametrize("block", [8, 64])  # 8: several query and key blocks, padded; 64: one of each
 @pytest.mark.parametrize("packed", [False, True])
 def test_blockwise_equals_float64_softmax_and_its_gradients(block, packed):
     q, k, v, mask, allowed = case(block + packed, packed=packed)
