@@ -109,14 +109,14 @@ def _zeros_in(config: ModelConfig, batch: int, max_len: int, mesh: Mesh | None):
 def cache_bytes(config: ModelConfig, batch: int, max_len: int, mesh_sizes: dict[str, int] | None = None) -> int:
     """Bytes of `init_cache(config, batch, max_len)`; with mesh axis sizes, on one device of that mesh (ShardingError
     if a dimension does not divide over its axes)."""
-    from m1jax.sharding import check_divisible, split_count
+    from m1jax.sharding import check_divisible, local_shape
 
     total = 0
     for names, leaf in zip(_axis_leaves(cache_axes(config)), jax.tree.leaves(cache_shapes(config, batch, max_len))):
         shape = leaf.shape
         if mesh_sizes is not None:
             check_divisible(f"cache buffer {shape}", shape, names, mesh_sizes)
-            shape = [d // split_count(n, mesh_sizes) for d, n in zip(shape, names)]
+            shape = local_shape(shape, names, mesh_sizes)
         total += int(np.prod(shape)) * leaf.dtype.itemsize
     return total
 

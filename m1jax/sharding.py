@@ -156,6 +156,11 @@ def check_divisible(what: str, shape: Sequence[int], names: Sequence[str | None]
                                 f"{split} = {parts}")
 
 
+def local_shape(shape: Sequence[int], names: Sequence[str | None], mesh_sizes: Mapping[str, int]) -> tuple[int, ...]:
+    """The shard of an array with these logical axis names that each device holds (dimensions assumed to divide)."""
+    return tuple(d // split_count(n, mesh_sizes) for d, n in zip(shape, names))
+
+
 def split_mesh():
     """The current mesh (`jax.set_mesh`) when it splits work over several devices (not inside a shard_map), else
     None."""
@@ -294,10 +299,8 @@ def param_table(config: ModelConfig, mesh_sizes: Mapping[str, int]) -> list[Para
     names = jax.tree.leaves(param_logical_axes(config), is_leaf=lambda x: isinstance(x, tuple))
     rows = []
     for (path, a), n in zip(abstract, names):
-        spec = logical_spec(n, sizes)
-        parts = [split_count(name, sizes) for name in n]
         rows.append(ParamInfo("/".join(str(getattr(k, "key", k)) for k in path), tuple(a.shape), np.dtype(a.dtype),
-                              n, spec, tuple(d // q for d, q in zip(a.shape, parts))))
+                              n, logical_spec(n, sizes), local_shape(a.shape, n, sizes)))
     return rows
 
 
